@@ -1,0 +1,41 @@
+"""Every name and default the steps share, in one place."""
+
+from __future__ import annotations
+
+# fetch_model
+DEFAULT_MODEL_ID = "microsoft/Phi-3-mini-4k-instruct"
+DEFAULT_REVISION = "main"
+BUILTIN_TINY = "builtin:tiny-phi3"
+HUB_TIMEOUT_S = 10.0  # per request; a Hub that does not answer fails the step, it never hangs
+
+# Files the later steps need. Duplicate weight formats (.bin, .pt, .gguf) and remote code are left out.
+HUB_ALLOW_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer.model",
+    "*.jinja",
+    "LICENSE",
+    # An onnxruntime-genai folder (e.g. microsoft/Phi-3-mini-4k-instruct-onnx/<variant>)
+    "*.onnx",
+    "*.onnx.data",
+]
+PHI3_ARCHITECTURES = {"Phi3ForCausalLM"}
+PHI3_GENAI_TYPES = {"phi3"}
+
+# Artifact layout of a fetch run
+MODEL_ARTIFACT_DIR = "model"
+MANIFEST_FILE = "manifest.json"
+
+# Logged model names
+PIPELINE_MODEL_NAME = "phi3-pipeline"
+ONNX_MODEL_NAME = "phi3-onnx"
+
+# Run tags: lineage between steps
+TAG_MODEL_ID = "phi3.model_id"
+TAG_REVISION = "phi3.resolved_revision"
+TAG_TOTAL_BYTES = "phi3.total_bytes"
+TAG_ARCHITECTURE = "phi3.architecture"
+TAG_FETCH_RUN_ID = "phi3.fetch_run_id"
+
+# The seed's request, used as input example and in tests
+SEED_QUESTION = "What is the capital of Spain?"

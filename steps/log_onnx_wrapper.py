@@ -1,0 +1,6 @@
+"""log_onnx_wrapper: not implemented yet."""
+
+from phi3flow.errors import not_implemented
+
+if __name__ == "__main__":
+    not_implemented("log_onnx_wrapper")

@@ -1,0 +1,6 @@
+"""log_pipeline: not implemented yet."""
+
+from phi3flow.errors import not_implemented
+
+if __name__ == "__main__":
+    not_implemented("log_pipeline")

@@ -1,0 +1,84 @@
+"""Shared fixtures: a temporary tracking store, `mlflow run` as users call it, the tiny model."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the environment's `mlflow` and `python`
+
+
+@dataclass
+class StepResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    run_id: str | None
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
+
+
+def step_env(tracking_uri: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    # `--env-manager local` runs `python` from PATH: make it this environment's.
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env.update(extra)
+    return env
+
+
+def mlflow_run(entry_point: str, params: dict[str, str], tracking_uri: str, timeout: float = 900, **env: str) -> StepResult:
+    """`mlflow run . -e ENTRY -P k=v --env-manager local`, exactly as a user types it."""
+    cmd = [str(BIN / "mlflow"), "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=step_env(tracking_uri, **env), stdin=subprocess.DEVNULL)
+    found = re.search(r"Run \(ID '([0-9a-f]+)'\)", proc.stderr)
+    return StepResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start, found.group(1) if found else None)
+
+
+def assert_ok(result: StepResult) -> str:
+    assert result.returncode == 0, f"step failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.run_id
+    return result.run_id
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('tracking')}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+@pytest.fixture(scope="session")
+def fetch_run_id(tracking_uri: str) -> str:
+    """One fetch_model run of builtin:tiny-phi3, shared by the tests that build on it."""
+    return assert_ok(mlflow_run("fetch_model", {"model_id": "builtin:tiny-phi3"}, tracking_uri))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from phi3flow import tiny
+
+    return tiny.build(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_fp32(tiny_dir: Path, tmp_path_factory) -> Path:
+    from phi3flow.onnx_convert import convert
+
+    return convert(tiny_dir, tmp_path_factory.mktemp("onnx") / "fp32", precision="fp32")
