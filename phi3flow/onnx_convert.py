@@ -15,12 +15,16 @@ EXECUTION_PROVIDERS = ("cpu",)
 INT4_OPTIONS = {"block_size": "32", "accuracy_level": "4", "algo_config": "rtn"}
 
 
-def convert(src: Path, out: Path, precision: str = "int4", execution_provider: str = "cpu") -> Path:
-    """Build the ONNX model, genai_config.json and tokenizer files of src into out."""
+def check_options(precision: str, execution_provider: str) -> None:
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
     if execution_provider not in EXECUTION_PROVIDERS:
         raise UserError(f"execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, not '{execution_provider}'")
+
+
+def convert(src: Path, out: Path, precision: str = "int4", execution_provider: str = "cpu") -> Path:
+    """Build the ONNX model, genai_config.json and tokenizer files of src into out."""
+    check_options(precision, execution_provider)
     # The builder reads config and tokenizer through transformers, which asks the Hub about a
     # local folder unless told it is offline.
     os.environ["HF_HUB_OFFLINE"] = "1"

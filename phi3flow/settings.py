@@ -36,6 +36,22 @@ TAG_REVISION = "phi3.resolved_revision"
 TAG_TOTAL_BYTES = "phi3.total_bytes"
 TAG_ARCHITECTURE = "phi3.architecture"
 TAG_FETCH_RUN_ID = "phi3.fetch_run_id"
+TAG_ONNX_SOURCE = "phi3.onnx_source"  # "converted" by the model builder, or "as-fetched"
+# Entry-point parameters are recorded as run params by MLflow Projects (`mlflow run`); steps log
+# only what they derive, as tags.
 
 # The seed's request, used as input example and in tests
 SEED_QUESTION = "What is the capital of Spain?"
+
+# The prompt the seed sends to its custom wrapper (interface=prompt)
+SEED_PROMPT = "<|system|>You are a stand-up comedian.<|end|><|user|>Tell me a joke about atom<|end|><|assistant|>"
+
+# Generation defaults logged with both models (entry-point parameters override them)
+DEFAULT_MAX_TOKENS = 256
+
+
+def pinned(*distributions: str) -> list[str]:
+    """`name==version` of installed distributions: the explicit pip requirements of a logged model."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in distributions]

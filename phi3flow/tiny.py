@@ -143,6 +143,14 @@ def build(out_dir: Path) -> Path:
     )
     torch.manual_seed(SEED)
     model = Phi3ForCausalLM(config).eval()
+    with torch.no_grad():
+        # Byte-fallback tokens 0x80-0xFF only make sense inside valid UTF-8 sequences, which random
+        # weights would not produce; transformers and og decode invalid ones differently (U+FFFD
+        # per byte vs dropped), and og's decode stops at a NUL. Zero logits keep every byte but
+        # printable ASCII, tab and newlines out of greedy answers.
+        printable = {0x09, 0x0A, 0x0D, *range(0x20, 0x7F)}
+        odd_bytes = [tok["model"]["vocab"][f"<0x{b:02X}>"] for b in range(256) if b not in printable]
+        model.lm_head.weight[odd_bytes] = 0.0
     model.generation_config = GenerationConfig(
         bos_token_id=token_id["<s>"], eos_token_id=eos_ids, pad_token_id=token_id["<|endoftext|>"]
     )

@@ -18,7 +18,6 @@ from phi3flow.errors import run_step
 @click.option("--revision", default=settings.DEFAULT_REVISION, show_default=True, help="Hub branch, tag or commit.")
 def main(model_id: str, revision: str) -> None:
     with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_params({"model_id": model_id, "revision": revision})
         source = fetch.resolve(model_id, revision, Path(tmp))
         architecture = fetch.architecture_of(source.path)
         manifest = fetch.manifest_of(source.path)

@@ -1,6 +1,36 @@
-"""log_onnx_wrapper: not implemented yet."""
+"""log_onnx_wrapper: convert a fetch run's Phi-3 to ONNX (int4 by default) and log the `phi3-onnx` pyfunc."""
 
-from phi3flow.errors import not_implemented
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+import mlflow
+
+from phi3flow import onnx_model, settings
+from phi3flow.artifacts import download_fetched_model
+from phi3flow.errors import run_step
+from phi3flow.onnx_convert import EXECUTION_PROVIDERS, PRECISIONS, check_options
+
+
+@click.command()
+@click.option("--fetch-run-id", required=True, help="Run ID of a fetch_model run.")
+@click.option("--precision", default="int4", show_default=True, help=f"One of {', '.join(PRECISIONS)}.")
+@click.option("--execution-provider", default="cpu", show_default=True, help=f"One of {', '.join(EXECUTION_PROVIDERS)}.")
+@click.option("--interface", default="chat", show_default=True, help=f"One of {', '.join(onnx_model.INTERFACES)}.")
+@click.option("--registered-model-name", default="", help="Also register the model under this name.")
+def main(fetch_run_id: str, precision: str, execution_provider: str, interface: str, registered_model_name: str) -> None:
+    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+        check_options(precision, execution_provider)
+        onnx_model.check_interface(interface)
+        fetched = download_fetched_model(fetch_run_id, Path(tmp) / "fetched")
+        mlflow.set_tags(fetched.lineage_tags)
+        onnx_dir, converted = onnx_model.onnx_folder(fetched.path, Path(tmp), precision, execution_provider)
+        mlflow.set_tag(settings.TAG_ONNX_SOURCE, "converted" if converted else "as-fetched")
+        info = onnx_model.log_onnx_model(onnx_dir, interface, fetched.model_id, registered_model_name or None)
+        print(f"log_onnx_wrapper run {run.info.run_id}: {info.model_uri}", flush=True)
+
 
 if __name__ == "__main__":
-    not_implemented("log_onnx_wrapper")
+    run_step(main)

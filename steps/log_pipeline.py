@@ -1,6 +1,36 @@
-"""log_pipeline: not implemented yet."""
+"""log_pipeline: log a fetch run's Phi-3 as MLflow's transformers flavor (`phi3-pipeline`, llm/v1/chat)."""
 
-from phi3flow.errors import not_implemented
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+import mlflow
+
+from phi3flow import settings
+from phi3flow.artifacts import download_fetched_model
+from phi3flow.errors import run_step
+from phi3flow.pipeline_model import DTYPES, check_dtype, log_pipeline_model
+
+
+@click.command()
+@click.option("--fetch-run-id", required=True, help="Run ID of a fetch_model run.")
+@click.option("--max-tokens", type=int, default=settings.DEFAULT_MAX_TOKENS, show_default=True, help="Default answer length (max_new_tokens).")
+@click.option("--sampling", type=bool, default=False, show_default=True, help="Sample by default (do_sample) instead of greedy decoding.")
+@click.option("--dtype", default="float32", show_default=True, help=f"One of {', '.join(DTYPES)}.")
+@click.option("--registered-model-name", default="", help="Also register the model under this name.")
+def main(fetch_run_id: str, max_tokens: int, sampling: bool, dtype: str, registered_model_name: str) -> None:
+    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+        check_dtype(dtype)
+        fetched = download_fetched_model(fetch_run_id, Path(tmp))
+        mlflow.set_tags(fetched.lineage_tags)
+        info = log_pipeline_model(
+            fetched.path, fetched.model_id, max_new_tokens=max_tokens, do_sample=sampling,
+            dtype=dtype, registered_model_name=registered_model_name or None,
+        )
+        print(f"log_pipeline run {run.info.run_id}: {info.model_uri}", flush=True)
+
 
 if __name__ == "__main__":
-    not_implemented("log_pipeline")
+    run_step(main)

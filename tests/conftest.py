@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -58,9 +59,14 @@ def assert_ok(result: StepResult) -> str:
 
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('tracking')}/mlflow.db"
+    root = tmp_path_factory.mktemp("tracking")
+    uri = f"sqlite:///{root}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    # sqlite's default artifact root is ./mlruns of the current directory: keep it in the temp dir.
+    experiment_id = mlflow.create_experiment("tests", artifact_location=str(root / "artifacts"))
+    mlflow.set_experiment(experiment_id=experiment_id)
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id  # for `mlflow run` and fresh processes
     return uri
 
 
@@ -82,3 +88,39 @@ def tiny_onnx_fp32(tiny_dir: Path, tmp_path_factory) -> Path:
     from phi3flow.onnx_convert import convert
 
     return convert(tiny_dir, tmp_path_factory.mktemp("onnx") / "fp32", precision="fp32")
+
+
+def model_uri_of(result: StepResult) -> str:
+    """The models:/ URI a logging step prints on its last line."""
+    found = re.search(r"(models:/\S+)", result.stdout)
+    assert found, result.stdout
+    return found.group(1)
+
+
+def in_fresh_process(code: str, tracking_uri: str) -> object:
+    """Run code in a new Python process; it prints one JSON document as its last line."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+        env=step_env(tracking_uri, HF_HUB_OFFLINE="1"), cwd="/", stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(fetch_run_id: str, tracking_uri: str) -> StepResult:
+    result = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id, "registered_model_name": "phi3-pipeline-test"}, tracking_uri)
+    assert_ok(result)
+    return result
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32_run(fetch_run_id: str, tracking_uri: str) -> StepResult:
+    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "precision": "fp32"}, tracking_uri)
+    assert_ok(result)
+    return result
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32_model(onnx_fp32_run: StepResult):
+    return mlflow.pyfunc.load_model(model_uri_of(onnx_fp32_run))

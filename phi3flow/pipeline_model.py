@@ -1,0 +1,58 @@
+"""Build and log the `phi3-pipeline` model: MLflow's transformers flavor with task llm/v1/chat."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow.models.model import ModelInfo
+
+from phi3flow import settings
+from phi3flow.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
+
+
+def log_pipeline_model(
+    model_dir: Path,
+    model_id: str,
+    *,
+    max_new_tokens: int = settings.DEFAULT_MAX_TOKENS,
+    do_sample: bool = False,
+    dtype: str = "float32",
+    registered_model_name: str | None = None,
+) -> ModelInfo:
+    check_dtype(dtype)
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+    if (model_dir / "genai_config.json").is_file():
+        raise UserError("the fetched model is an onnxruntime-genai folder; log_pipeline needs a transformers checkpoint")
+    # The files are local: without this transformers and MLflow ask the Hub for the model card and
+    # retry for about 30 s when it is unreachable.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    import transformers
+
+    print(f"loading {model_id} as a text-generation pipeline ({dtype}) ...", flush=True)
+    pipe = transformers.pipeline("text-generation", model=str(model_dir), dtype=getattr(torch, dtype))
+    # MLflow records name_or_path as the source model name (the `model` field of every answer);
+    # the temporary download folder means nothing to a user, the model id does.
+    pipe.model.name_or_path = model_id
+    print("logging the pipeline with MLflow's transformers flavor ...", flush=True)
+    return mlflow.transformers.log_model(
+        transformers_model=pipe,
+        name=settings.PIPELINE_MODEL_NAME,
+        task="llm/v1/chat",
+        # Generation defaults; a request's max_tokens overrides max_new_tokens.
+        model_config={"max_new_tokens": max_new_tokens, "do_sample": do_sample},
+        input_example={"messages": [{"role": "user", "content": settings.SEED_QUESTION}]},
+        # Explicit: inference would add torchvision (absent here) and load the model in a subprocess.
+        pip_requirements=settings.pinned("mlflow", "transformers", "tokenizers", "safetensors", "torch", "numpy", "pandas"),
+        registered_model_name=registered_model_name,
+    )

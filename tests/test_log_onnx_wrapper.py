@@ -1,0 +1,157 @@
+"""log_onnx_wrapper: conversion, the models-from-code pyfunc, and its behaviour on the tiny model."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.exceptions import MlflowException
+
+from conftest import assert_ok, in_fresh_process, mlflow_run, model_uri_of
+from phi3flow import settings
+
+SEED = {"messages": [{"role": "user", "content": settings.SEED_QUESTION}]}
+
+
+def _content(answer: list[dict]) -> str:
+    return answer[0]["choices"][0]["message"]["content"]
+
+
+def test_run_holds_a_code_logged_pyfunc_with_the_onnx_folder(onnx_fp32_run, fetch_run_id, tmp_path):
+    run = mlflow.MlflowClient().get_run(onnx_fp32_run.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[settings.TAG_FETCH_RUN_ID] == fetch_run_id
+    assert run.data.tags[settings.TAG_MODEL_ID] == "builtin:tiny-phi3"
+    assert run.data.tags[settings.TAG_ONNX_SOURCE] == "converted"
+    assert run.data.params["precision"] == "fp32"
+    local = Path(mlflow.artifacts.download_artifacts(model_uri_of(onnx_fp32_run), dst_path=str(tmp_path)))
+    pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert pyfunc["model_code_path"].endswith("onnx_pyfunc.py")  # models from code
+    assert not list(local.rglob("*.pkl"))  # no pickled instance
+    onnx_files = {p.name for p in local.rglob("*") if p.is_file()}
+    assert {"genai_config.json", "model.onnx", "tokenizer.json"} <= onnx_files
+    assert all("==" in r for r in (local / "requirements.txt").read_text().split())
+    assert (local / "input_example.json").is_file()
+
+
+def test_fp32_onnx_answers_exactly_like_the_transformers_pipeline(onnx_fp32_run, pipeline_run, tracking_uri):
+    # Both reloaded in a fresh process; greedy decoding, the seed's question.
+    pipeline_answer, onnx_answer = in_fresh_process(
+        f"""
+import json, mlflow
+request = {{**{SEED!r}, "max_tokens": 32}}
+print(json.dumps([mlflow.pyfunc.load_model(uri).predict(request)
+                  for uri in ("{model_uri_of(pipeline_run)}", "{model_uri_of(onnx_fp32_run)}")]))
+""",
+        tracking_uri,
+    )
+    assert _content(onnx_answer) == _content(pipeline_answer)
+    assert onnx_answer[0]["usage"] == pipeline_answer[0]["usage"]
+    assert onnx_answer[0]["choices"][0]["finish_reason"] == pipeline_answer[0]["choices"][0]["finish_reason"]
+    assert onnx_answer[0]["object"] == "chat.completion"
+    assert onnx_answer[0]["model"] == "builtin:tiny-phi3"
+
+
+def test_int4_conversion_runs_and_answers(fetch_run_id, tracking_uri):
+    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id}, tracking_uri)
+    assert_ok(result)
+    params = mlflow.MlflowClient().get_run(result.run_id).data.params
+    assert params["precision"] == "int4"
+    answer = mlflow.pyfunc.load_model(model_uri_of(result)).predict({**SEED, "max_tokens": 8})
+    assert answer[0]["object"] == "chat.completion"
+    assert isinstance(_content(answer), str)
+    assert 1 <= answer[0]["usage"]["completion_tokens"] <= 8
+
+
+def test_prompt_interface_takes_the_seed_request(fetch_run_id, tracking_uri):
+    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "precision": "fp32", "interface": "prompt"}, tracking_uri)
+    assert_ok(result)
+    model = mlflow.pyfunc.load_model(model_uri_of(result))
+    assert [spec.name for spec in model.metadata.get_input_schema().inputs] == ["prompt"]
+    prompts = [settings.SEED_PROMPT, "<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n"]
+    single = [model.predict({"prompt": p}, params={"max_tokens": 12}) for p in prompts]
+    assert all(isinstance(s, list) and len(s) == 1 and isinstance(s[0], str) for s in single)
+    batch = model.predict([{"prompt": p} for p in prompts], params={"max_tokens": 12})
+    assert batch == [s[0] for s in single]  # one string per row, in order
+
+
+def test_stop_sequence_ends_the_answer_before_it(onnx_fp32_model):
+    full = _content(onnx_fp32_model.predict({**SEED, "max_tokens": 24}))
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    answer = onnx_fp32_model.predict({**SEED, "max_tokens": 24, "stop": [stop]})
+    assert _content(answer) == full[: full.index(stop)]
+    assert answer[0]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_temperature_samples_and_zero_is_greedy(onnx_fp32_model):
+    greedy = {_content(onnx_fp32_model.predict({**SEED, "max_tokens": 16, "temperature": 0.0})) for _ in range(3)}
+    assert len(greedy) == 1
+    assert greedy == {_content(onnx_fp32_model.predict({**SEED, "max_tokens": 16}))}
+    sampled = {_content(onnx_fp32_model.predict({**SEED, "max_tokens": 16, "temperature": 1.5})) for _ in range(4)}
+    assert len(sampled) > 1  # random weights: sampling at 1.5 over 16 tokens never repeats 4 times
+
+
+def test_stream_yields_chunks_that_add_up_to_the_answer(onnx_fp32_model):
+    request = {**SEED, "max_tokens": 10}
+    chunks = list(onnx_fp32_model.predict_stream(request))
+    assert len(chunks) == 10
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == _content(onnx_fp32_model.predict(request))
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 9 + ["length"]
+
+
+def test_eight_threads_get_the_serial_answers(onnx_fp32_model):
+    questions = [f"Question number {i}: what is {i} plus {i}?" for i in range(8)]
+    requests = [{"messages": [{"role": "user", "content": q}], "max_tokens": 12} for q in questions]
+    serial = [_content(onnx_fp32_model.predict(r)) for r in requests]
+    assert len(set(serial)) > 1  # the requests really differ
+    work = requests * 3
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        parallel = list(pool.map(lambda r: _content(onnx_fp32_model.predict(r)), work))
+    assert parallel == serial * 3
+
+
+@pytest.mark.parametrize(
+    ("request_body", "message"),
+    [
+        ({"messages": []}, "'messages' must be a non-empty list"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role must be one of system, user, assistant"),
+        ({"messages": [{"role": "user", "content": "word " * 5000}]}, "the model's context is 4096 tokens"),
+        ({**SEED, "max_tokens": 0}, "'max_tokens' must be at least 1"),
+        ({**SEED, "max_tokens": 100000}, "only 4078 tokens fit in the context"),
+        ({**SEED, "temperature": -0.5}, "'temperature' must be 0 (greedy) or positive"),
+        ({**SEED, "top_p": 1.5}, "'top_p' must be in (0, 1]"),
+        ({**SEED, "n": 2}, "only n=1 is supported"),
+    ],
+)
+def test_bad_requests_raise_clear_errors(onnx_fp32_model, request_body, message):
+    with pytest.raises(MlflowException, match=re.escape(message)) as info:
+        onnx_fp32_model.predict(request_body)
+    assert info.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_non_string_content_is_refused(onnx_fp32_model):
+    with pytest.raises(MlflowException, match="content"):
+        onnx_fp32_model.predict({"messages": [{"role": "user", "content": 3}]})
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"precision": "int3"}, "precision must be one of int4, fp32, not 'int3'"),
+        ({"execution_provider": "cuda"}, "execution_provider must be one of cpu, not 'cuda'"),
+        ({"interface": "rest"}, "interface must be one of chat, prompt, not 'rest'"),
+        ({"fetch_run_id": "0123456789abcdef"}, "no run with ID '0123456789abcdef'"),
+    ],
+)
+def test_bad_step_input_fails_with_one_line(params, message, fetch_run_id, tracking_uri):
+    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, **params}, tracking_uri, timeout=300)
+    assert result.returncode != 0
+    assert len(result.error_lines) == 1, result.stderr
+    assert message in result.error_lines[0]
+    assert mlflow.MlflowClient().get_run(result.run_id).info.status == "FAILED"
