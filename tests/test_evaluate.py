@@ -66,7 +66,7 @@ def test_every_metric_is_logged_and_sane(bundled, pipeline_run, onnx_fp32_run):
     # fp32 and greedy: both runtimes produce the same tokens, so they agree on every row.
     assert metrics["agreement/exact"] == 1.0
     assert metrics["agreement/token_overlap"] == 1.0
-    assert metrics["onnx/agreement_exact/mean"] == 1.0
+    assert metrics["pipeline/agreement_exact/mean"] == 1.0
 
 
 def test_each_model_has_a_child_run_with_one_trace_per_row(bundled):
@@ -85,8 +85,8 @@ def test_each_model_has_a_child_run_with_one_trace_per_row(bundled):
             assert value["tokens_per_second"] == pytest.approx(value["completion_tokens"] / value["latency_s"])
             assert value["expected_response"]  # the reference, logged as an expectation
         assert set(metric_names(QUALITY_SCORERS + COST_SCORERS)) <= set(child.data.metrics)
-    onnx_child = next(c for c in children if c.info.run_name == "onnx")
-    assert set(metric_names(AGREEMENT_SCORERS)) <= set(onnx_child.data.metrics)
+    compared = next(c for c in children if c.info.run_name == "pipeline")  # with the ONNX answers
+    assert set(metric_names(AGREEMENT_SCORERS)) <= set(compared.data.metrics)
 
 
 def test_comparison_table_and_chart_are_logged(bundled, tmp_path):
@@ -221,13 +221,18 @@ def test_malformed_files_name_the_line_or_column(tmp_path, name, text, message):
         load_eval_data(_write(tmp_path, name, text), tmp_path)
 
 
-@pytest.mark.parametrize("case", ["malformed-file", "missing-file", "wrong-run"])
+def test_missing_file_is_refused(tmp_path):
+    with pytest.raises(UserError, match="eval_data '/nonexistent/set.csv' is not a file"):
+        load_eval_data("/nonexistent/set.csv", tmp_path)
+
+
+@pytest.mark.parametrize("case", ["malformed-file", "too-many-tokens", "wrong-run"])
 def test_bad_step_input_fails_with_one_line(case, pipeline_run, onnx_fp32_run, tracking_uri, tmp_path):
     params = {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id, **NAMES}
     if case == "malformed-file":
         params["eval_data"] = _write(tmp_path, "set.jsonl", '{"prompt": "a", "reference": "b"}\n{"prompt": 3, "reference": "d"}\n')
-    elif case == "missing-file":
-        params["eval_data"] = "/nonexistent/set.csv"
+    elif case == "too-many-tokens":
+        params["max_tokens"] = "100000"
     else:
         params["onnx_run_id"] = pipeline_run.run_id  # a run, but not a log_onnx_wrapper run
     result = mlflow_run("evaluate", params, tracking_uri, timeout=300)
@@ -235,7 +240,7 @@ def test_bad_step_input_fails_with_one_line(case, pipeline_run, onnx_fp32_run, t
     assert len(result.error_lines) == 1, result.stderr
     expected = {
         "malformed-file": "set.jsonl line 2: 'prompt' must be a string, got int",
-        "missing-file": "eval_data '/nonexistent/set.csv' is not a file",
+        "too-many-tokens": "the onnx model failed to answer: 'max_tokens' is 100000 but only 4078 tokens fit",
         "wrong-run": f"run '{pipeline_run.run_id}' logged no model named 'phi3-onnx': is it a log_onnx_wrapper run?",
     }[case]
     assert expected in result.error_lines[0]
