@@ -20,6 +20,7 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow.entities import SpanType
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.genai.scorers import Scorer, scorer
 
 from phi3flow import registry, report, settings
@@ -158,7 +159,10 @@ def evaluate_model(
     logged_model_id: str | None = None,
     peer_answers: list[str] | None = None,
 ) -> ModelScores:
-    """Run mlflow.genai.evaluate on one model in a child run named after label; greedy decoding."""
+    """Run mlflow.genai.evaluate on one model in a child run named after label; greedy decoding.
+
+    peer_answers (another model's answers to the same rows) adds the agreement scorers.
+    """
     print(f"[{label}] loading {model_uri} ...", flush=True)
     model = mlflow.pyfunc.load_model(model_uri)
     answers: dict[str, str] = {}
@@ -168,8 +172,10 @@ def evaluate_model(
     @mlflow.trace(name=label, span_type=SpanType.CHAT_MODEL)
     def predict(messages: list[dict[str, str]]) -> dict[str, Any]:
         try:
-            # temperature 0: greedy, so two models' answers can be compared token for token.
-            answer = model.predict({"messages": messages, "max_tokens": max_tokens, "temperature": 0.0})[0]
+            # Greedy, so two models' answers can be compared token for token. top_k=1 is greedy in both
+            # runtimes whatever the model's logged defaults; temperature 0 is refused by transformers
+            # for a pipeline logged with sampling=true.
+            answer = model.predict({"messages": messages, "max_tokens": max_tokens, "top_k": 1})[0]
         except Exception as exc:
             with lock:
                 failures.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -212,7 +218,7 @@ class Outcome:
     decision: registry.Decision
 
 
-def _candidate(scores: ModelScores, version) -> registry.Candidate:
+def _candidate(scores: ModelScores, version: ModelVersion) -> registry.Candidate:
     return registry.Candidate(scores.label, version, scores.metrics[settings.QUALITY_METRIC], scores.metrics[settings.THROUGHPUT_METRIC])
 
 
@@ -276,7 +282,13 @@ def evaluate_and_promote(
     return Outcome(scores, decision)
 
 
-def log_comparison(scores, candidates, champion, decision, workdir: Path) -> None:
+def log_comparison(
+    scores: list[ModelScores],
+    candidates: list[registry.Candidate],
+    champion: registry.Candidate | None,
+    decision: registry.Decision,
+    workdir: Path,
+) -> None:
     """Metrics named `<model>/<scorer>/<aggregation>`, the table, the chart and the decision."""
     refs = {c.label: c.ref for c in candidates}
     if champion is not None:

@@ -141,7 +141,8 @@ def test_worse_challengers_do_not_move_the_champion(onnx_fp32_model, pipeline_ru
     assert _alias_holder(list(names.values())) == [champion]
 
     # ... and the challengers, a bfloat16 pipeline and an int4 ONNX model, really answer differently.
-    bf16 = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id, "dtype": "bfloat16"}, tracking_uri)
+    # The pipeline samples by default: evaluation must still decode it greedily.
+    bf16 = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id, "dtype": "bfloat16", "sampling": "true"}, tracking_uri)
     int4 = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id}, tracking_uri)
     second = mlflow_run("evaluate", {"pipeline_run_id": assert_ok(bf16), "onnx_run_id": assert_ok(int4), **common}, tracking_uri)
     assert_ok(second)
