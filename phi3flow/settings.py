@@ -55,3 +55,17 @@ def pinned(*distributions: str) -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in distributions]
+
+
+# main: the chain of steps and its cache
+MAIN_STEPS = ("fetch_model", "log_pipeline", "log_onnx_wrapper", "evaluate")
+TAG_STEP_RUN = "phi3.step_run.{}"  # on a main run: the run ID of each step, by entry point
+TAG_CACHE_KEY = "phi3.cache_key"  # on a step run started by main: entry point + params + code
+TAG_CODE_VERSION = "phi3.code_version"  # "git:<commit>", "sha256:<hash>" or "dirty:<commit>"
+TAG_OWNER = "phi3.owner"  # on a main run: "<host>:<pid>", to tell a live run from one left by a hard kill
+TAG_STALE = "phi3.stale"  # on a run found RUNNING after its process died: why it was marked KILLED
+TAG_ENV_MANAGER = "phi3.env_manager"  # on a main run: the env manager its steps ran with
+SUMMARY_FILE = "summary.json"
+# What the steps' results depend on when the project is not a git checkout: hashed for the cache.
+CODE_FILES = ("MLproject", "python_env.yaml", "conda.yaml", "pyproject.toml")
+CODE_DIRS = ("steps", "phi3flow", "data")
