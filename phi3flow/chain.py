@@ -157,12 +157,24 @@ class Chain:
             )
         except ExecutionException as exc:  # the step has printed its own error; its run is FAILED
             raise UserError(f"step {entry_point} failed: {exc}") from None
+        except KeyboardInterrupt:
+            # MLflow marks the step FAILED when the interrupt reaches it while waiting for the step;
+            # one that lands while the step's run is being created would leave that run RUNNING.
+            self._end_running_children()
+            raise
         tags = {settings.TAG_CODE_VERSION: self.code}
         if reusable:  # a dirty tree's runs never get a key, so nothing ever matches them
             tags[settings.TAG_CACHE_KEY] = key
         for name, value in tags.items():
             self.client.set_tag(submitted.run_id, name, value)
         return self._record(StepRun(entry_point, submitted.run_id, False, params))
+
+    def _end_running_children(self) -> None:
+        parent = mlflow.active_run().info.run_id
+        for run in self.client.search_runs(
+            [self.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and attributes.status = 'RUNNING'"
+        ):
+            self.client.set_terminated(run.info.run_id, "KILLED")
 
     def _record(self, step: StepRun) -> StepRun:
         """Name the step's run on the main run as soon as it is known, so a later failure loses nothing."""

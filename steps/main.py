@@ -18,6 +18,7 @@ from phi3flow.onnx_model import INTERFACES
 def _interrupt(signum: int, frame: object) -> None:
     # SIGTERM (cron timeouts, systemd, kill) takes the same path as Ctrl-C: MLflow stops the running
     # step and marks its run FAILED, and this run ends FAILED instead of being left RUNNING.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
     raise KeyboardInterrupt
 
 
