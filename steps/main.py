@@ -28,7 +28,7 @@ def _interrupt(signum: int, frame: object) -> None:
 @click.option("--revision", default=settings.DEFAULT_REVISION, show_default=True, help="Hub branch, tag or commit.")
 @click.option("--precision", default="int4", show_default=True, help=f"ONNX precision: one of {', '.join(PRECISIONS)}.")
 @click.option("--interface", default="chat", show_default=True, help=f"ONNX pyfunc interface: one of {', '.join(INTERFACES)}.")
-@click.option("--eval-data", default="bundled", show_default=True, help="Evaluation set passed to the evaluate step.")
+@click.option("--eval-data", default=settings.BUNDLED_EVAL_DATA, show_default=True, help="Evaluation set of the evaluate step.")
 @click.option("--force", type=bool, default=False, show_default=True, help="Rerun every step even when a finished run matches.")
 @click.option("--env-manager", default="", help="Env manager of the steps; empty: the one main was started with.")
 def main(model_id: str, revision: str, precision: str, interface: str, eval_data: str, force: bool, env_manager: str) -> None:

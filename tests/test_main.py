@@ -6,6 +6,7 @@ successive scheduled runs of the same flow: each test starts from what the previ
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import re
@@ -59,7 +60,9 @@ def experiment_id(tracking_uri, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def run_main(project, experiment_id, tracking_uri) -> Callable[..., StepResult]:
     def run(params: dict[str, str], **env: str) -> StepResult:
-        return mlflow_run("main", params, tracking_uri, project=project, MLFLOW_EXPERIMENT_ID=experiment_id, **env)
+        result = mlflow_run("main", params, tracking_uri, project=project, MLFLOW_EXPERIMENT_ID=experiment_id, **env)
+        # The step runs report their IDs first; `mlflow run` names the main run last.
+        return dataclasses.replace(result, run_id=re.findall(r"Run \(ID '([0-9a-f]+)'\)", result.stderr)[-1])
 
     return run
 
@@ -69,7 +72,8 @@ def _runs(experiment_id: str) -> list[mlflow.entities.Run]:
 
 
 def _step_runs(experiment_id: str) -> dict[str, mlflow.entities.Run]:
-    return {r.info.run_id: r for r in _runs(experiment_id) if r.data.tags.get("mlflow.project.entryPoint") != "main"}
+    """Runs of the four steps (evaluate's own nested evaluation runs are not steps)."""
+    return {r.info.run_id: r for r in _runs(experiment_id) if r.data.tags.get("mlflow.project.entryPoint") in settings.MAIN_STEPS}
 
 
 def _steps_of(main_run_id: str) -> dict[str, str]:
