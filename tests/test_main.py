@@ -23,12 +23,13 @@ import pytest
 from conftest import BIN, REPO, StepResult, assert_ok, mlflow_run, step_env
 from phi3flow import settings
 
-TINY = {"model_id": settings.BUILTIN_TINY}
-STEP_PARAMS = {
-    "log_pipeline": {"fetch_run_id"},
-    "log_onnx_wrapper": {"fetch_run_id", "precision", "interface"},
-    "evaluate": {"pipeline_run_id", "onnx_run_id", "eval_data"},
-}
+BUNDLED = REPO / settings.BUNDLED_EVAL_FILE
+
+
+def _eval_file(path: Path, rows: int) -> str:
+    """The first rows of the bundled evaluation set: evaluate's cost grows with every prompt."""
+    path.write_text("\n".join(BUNDLED.read_text().splitlines()[:rows]) + "\n")
+    return str(path)
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -49,6 +50,12 @@ def project(tmp_path_factory) -> Path:
     _git(root, "add", "-A")
     _git(root, "commit", "-qm", "snapshot")
     return root
+
+
+@pytest.fixture(scope="module")
+def params(tmp_path_factory) -> dict[str, str]:
+    """The parameters of main in the scheduled reruns below."""
+    return {"model_id": settings.BUILTIN_TINY, "eval_data": _eval_file(tmp_path_factory.mktemp("eval") / "two.jsonl", 2)}
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +133,8 @@ class Background:
 
 
 @pytest.fixture(scope="module")
-def first_main(run_main) -> StepResult:
-    result = run_main(TINY)
+def first_main(run_main, params) -> StepResult:
+    result = run_main(params)
     assert_ok(result)
     return result
 
@@ -164,9 +171,9 @@ def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, 
     assert f"main run {first_main.run_id}: 4 steps run, 0 reused" in first_main.stdout
 
 
-def test_force_reruns_steps_and_an_interrupted_step_ends_failed(first_main, project, experiment_id, tracking_uri, tmp_path):
+def test_force_reruns_steps_and_an_interrupted_step_ends_failed(first_main, params, project, experiment_id, tracking_uri, tmp_path):
     before = _steps_of(first_main.run_id)
-    bg = Background(project, experiment_id, tracking_uri, tmp_path / "main.log", {**TINY, "force": "true"})
+    bg = Background(project, experiment_id, tracking_uri, tmp_path / "main.log", {**params, "force": "true"})
     onnx = bg.child("log_onnx_wrapper")
     bg.wait_for_output("converting to ONNX")  # the step is at work
     bg.signal(signal.SIGTERM)  # what cron's timeout, systemd or `kill` send to the whole group
@@ -186,12 +193,12 @@ def test_force_reruns_steps_and_an_interrupted_step_ends_failed(first_main, proj
     assert "log_onnx_wrapper" not in forced  # main names only the steps that finished
 
 
-def test_rerun_after_a_kill_reruns_the_killed_step_and_its_dependents_only(run_main, experiment_id):
+def test_rerun_after_a_kill_reruns_the_killed_step_and_its_dependents_only(run_main, params, experiment_id):
     client = mlflow.MlflowClient()
     forced_main = next(r for r in _runs(experiment_id) if r.data.params.get("force") == "true")
     forced = _steps_of(forced_main.info.run_id)
     existing = set(_step_runs(experiment_id))
-    result = run_main(TINY)
+    result = run_main(params)
     assert_ok(result)
     steps = _steps_of(result.run_id)
     # The newest FINISHED fetch_model and log_pipeline runs (the forced ones) are reused ...
@@ -204,14 +211,11 @@ def test_rerun_after_a_kill_reruns_the_killed_step_and_its_dependents_only(run_m
     assert f"main run {result.run_id}: 2 steps run, 2 reused" in result.stdout
 
 
-def test_changed_parameter_reruns_only_the_steps_that_use_it(run_main, experiment_id, tmp_path):
-    bundled = REPO / "data" / "eval_bundled.jsonl"
-    eval_file = tmp_path / "eval.jsonl"
-    eval_file.write_text("\n".join(bundled.read_text().splitlines()[:2]) + "\n")
+def test_changed_parameter_reruns_only_the_steps_that_use_it(run_main, params, experiment_id, tmp_path):
     previous = _steps_of(next(r for r in _runs(experiment_id) if r.info.status == "FINISHED"
                               and r.data.tags.get("mlflow.project.entryPoint") == "main").info.run_id)
     existing = set(_step_runs(experiment_id))
-    result = run_main({**TINY, "eval_data": str(eval_file)})
+    result = run_main({**params, "eval_data": _eval_file(tmp_path / "one.jsonl", 1)})
     assert_ok(result)
     steps = _steps_of(result.run_id)
     assert {ep: steps[ep] for ep in ("fetch_model", "log_pipeline", "log_onnx_wrapper")} == {
@@ -220,11 +224,11 @@ def test_changed_parameter_reruns_only_the_steps_that_use_it(run_main, experimen
     assert set(_step_runs(experiment_id)) - existing == {steps["evaluate"]}
 
 
-def test_dirty_tree_never_reuses_and_a_hard_kill_leaves_runs_running(project, experiment_id, tracking_uri, tmp_path):
+def test_dirty_tree_never_reuses_and_a_hard_kill_leaves_runs_running(project, params, experiment_id, tracking_uri, tmp_path):
     readme = project / "README.md"
     readme.write_text(readme.read_text() + "\nan uncommitted edit\n")
     try:
-        bg = Background(project, experiment_id, tracking_uri, tmp_path / "main.log", TINY)
+        bg = Background(project, experiment_id, tracking_uri, tmp_path / "main.log", params)
         fetch = bg.child("fetch_model")  # a FINISHED fetch_model run with these params exists
         bg.wait_for_output("[1/4] fetch_model: running (the project has uncommitted changes)")
         bg.signal(signal.SIGKILL)  # a hard kill: nobody is left to end the runs
@@ -235,15 +239,15 @@ def test_dirty_tree_never_reuses_and_a_hard_kill_leaves_runs_running(project, ex
     assert client.get_run(fetch.info.run_id).info.status == "RUNNING"
 
 
-def test_scheduled_noop_rerun_reuses_every_step_in_seconds_and_ends_stale_runs(project, experiment_id, tracking_uri, tmp_path):
+def test_scheduled_noop_rerun_reuses_every_step_in_seconds_and_ends_stale_runs(project, params, experiment_id, tracking_uri, tmp_path):
     client = mlflow.MlflowClient()
     stale = [r.info.run_id for r in _runs(experiment_id) if r.info.status == "RUNNING"]
     assert len(stale) == 2  # the hard-killed main run and its fetch_model run
-    latest = next(r for r in _runs(experiment_id) if r.info.status == "FINISHED" and r.data.params.get("eval_data") == "bundled"
+    latest = next(r for r in _runs(experiment_id) if r.info.status == "FINISHED" and r.data.params.get("eval_data") == params["eval_data"]
                   and r.data.tags.get("mlflow.project.entryPoint") == "main")
     existing = set(_step_runs(experiment_id))
     start = time.monotonic()
-    proc = _scheduled(project, tracking_uri, experiment_id, tmp_path, "-P", f"model_id={settings.BUILTIN_TINY}")
+    proc = _scheduled(project, tracking_uri, experiment_id, tmp_path, *(f"-P{k}={v}" for k, v in params.items()))
     seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     print(f"no-op scheduled rerun of main: {seconds:.1f} s")
@@ -288,3 +292,16 @@ def test_scheduled_run_propagates_failure(project, experiment_id, tracking_uri, 
     assert "Traceback" not in log.read_text()
     failed = next(r for r in _runs(experiment_id) if r.data.params.get("model_id") == "/nonexistent/phi3")
     assert failed.info.status == "FAILED"
+
+
+def test_code_version_outside_git_hashes_the_code_files(project, tmp_path):
+    from phi3flow.chain import code_version
+
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, ignore=shutil.ignore_patterns(".git"))
+    first = code_version(copy)
+    assert first.startswith("sha256:") and code_version(copy) == first
+    (copy / "README.md").write_text("documentation is not code\n")
+    assert code_version(copy) == first
+    (copy / "steps" / "main.py").write_text((copy / "steps" / "main.py").read_text() + "\n# changed\n")
+    assert code_version(copy) != first
