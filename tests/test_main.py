@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -305,3 +306,28 @@ def test_code_version_outside_git_hashes_the_code_files(project, tmp_path):
     assert code_version(copy) == first
     (copy / "steps" / "main.py").write_text((copy / "steps" / "main.py").read_text() + "\n# changed\n")
     assert code_version(copy) != first
+
+
+def test_a_new_revision_of_the_model_reruns_fetch_model(project, experiment_id, tiny_dir, tmp_path, monkeypatch):
+    """main keys fetch_model on the revision it resolves first: here a local folder's content hash."""
+    from phi3flow.chain import Chain, code_version
+    from phi3flow.fetch import resolve_revision
+
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")  # the steps' `python`
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+
+    def fetch(flow: Chain):
+        revision = resolve_revision(str(model), "main", tmp_path)
+        return flow.step("fetch_model", {"model_id": str(model), "revision": "main"}, input_tags={settings.TAG_REVISION: revision})
+
+    with mlflow.start_run(experiment_id=experiment_id):
+        flow = Chain(project, experiment_id, "local", code_version(project))
+        first, again = fetch(flow), fetch(flow)
+        config = model / "generation_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "max_length": 64}))
+        moved = fetch(flow)
+    assert (first.reused, again.reused, moved.reused) == (False, True, False)
+    assert again.run_id == first.run_id != moved.run_id
+    tags = [mlflow.MlflowClient().get_run(r.run_id).data.tags[settings.TAG_REVISION] for r in (first, moved)]
+    assert tags[0] != tags[1]
