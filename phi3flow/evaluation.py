@@ -20,6 +20,7 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow.entities import SpanType
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.genai.scorers import Scorer, scorer
 
 from phi3flow import registry, report, settings
@@ -158,7 +159,10 @@ def evaluate_model(
     logged_model_id: str | None = None,
     peer_answers: list[str] | None = None,
 ) -> ModelScores:
-    """Run mlflow.genai.evaluate on one model in a child run named after label; greedy decoding."""
+    """Run mlflow.genai.evaluate on one model in a child run named after label; greedy decoding.
+
+    peer_answers (another model's answers to the same rows) adds the agreement scorers.
+    """
     print(f"[{label}] loading {model_uri} ...", flush=True)
     model = mlflow.pyfunc.load_model(model_uri)
     answers: dict[str, str] = {}
@@ -168,8 +172,10 @@ def evaluate_model(
     @mlflow.trace(name=label, span_type=SpanType.CHAT_MODEL)
     def predict(messages: list[dict[str, str]]) -> dict[str, Any]:
         try:
-            # temperature 0: greedy, so two models' answers can be compared token for token.
-            answer = model.predict({"messages": messages, "max_tokens": max_tokens, "temperature": 0.0})[0]
+            # Greedy, so two models' answers can be compared token for token. top_k=1 is greedy in both
+            # runtimes whatever the model's logged defaults; temperature 0 is refused by transformers
+            # for a pipeline logged with sampling=true.
+            answer = model.predict({"messages": messages, "max_tokens": max_tokens, "top_k": 1})[0]
         except Exception as exc:
             with lock:
                 failures.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -190,9 +196,13 @@ def evaluate_model(
     os.environ["MLFLOW_GENAI_EVAL_MAX_WORKERS"] = "1"
     with mlflow.start_run(run_name=label, nested=True) as child:
         print(f"[{label}] answering {len(rows)} prompts (max_tokens={max_tokens}, greedy) ...", flush=True)
-        result = mlflow.genai.evaluate(data=data, predict_fn=predict, scorers=scorers, model_id=logged_model_id)
-    if failures:
-        raise UserError(f"{label} model failed to answer: {failures[0]}")
+        try:
+            result = mlflow.genai.evaluate(data=data, predict_fn=predict, scorers=scorers, model_id=logged_model_id)
+        except Exception:
+            if not failures:
+                raise
+    if failures:  # the model refused a request (e.g. max_tokens beyond its context): the user's to fix
+        raise UserError(f"the {label} model failed to answer: {failures[0]}")
     missing = [name for name in metric_names(scorers) if name not in result.metrics]
     if missing:
         raise RuntimeError(f"{label}: scorers produced no value for {', '.join(missing)}; see the traces of run {child.info.run_id}")
@@ -208,7 +218,7 @@ class Outcome:
     decision: registry.Decision
 
 
-def _candidate(scores: ModelScores, version) -> registry.Candidate:
+def _candidate(scores: ModelScores, version: ModelVersion) -> registry.Candidate:
     return registry.Candidate(scores.label, version, scores.metrics[settings.QUALITY_METRIC], scores.metrics[settings.THROUGHPUT_METRIC])
 
 
@@ -245,11 +255,14 @@ def evaluate_and_promote(
     names = [pipeline_model_name, onnx_model_name]
     champion_before = registry.current_champion(names)  # read before this run registers anything
 
-    first = evaluate_model("pipeline", pipeline.uri, data.rows, max_tokens, logged_model_id=pipeline.model_id)
-    second = evaluate_model("onnx", onnx.uri, data.rows, max_tokens, logged_model_id=onnx.model_id, peer_answers=first.answers)
+    # ONNX first: it refuses a max_tokens that does not fit the context at once, where transformers
+    # would generate on. The pipeline then scores its agreement with the ONNX answers.
+    onnx_scores = evaluate_model("onnx", onnx.uri, data.rows, max_tokens, logged_model_id=onnx.model_id)
+    pipeline_scores = evaluate_model("pipeline", pipeline.uri, data.rows, max_tokens, logged_model_id=pipeline.model_id,
+                                     peer_answers=onnx_scores.answers)
+    scores = [pipeline_scores, onnx_scores]
     versions = [registry.register(pipeline, pipeline_model_name), registry.register(onnx, onnx_model_name)]
-    candidates = [_candidate(s, v) for s, v in zip((first, second), versions)]
-    scores = [first, second]
+    candidates = [_candidate(s, v) for s, v in zip(scores, versions)]
 
     champion = None
     if champion_before is not None:
@@ -269,7 +282,13 @@ def evaluate_and_promote(
     return Outcome(scores, decision)
 
 
-def log_comparison(scores, candidates, champion, decision, workdir: Path) -> None:
+def log_comparison(
+    scores: list[ModelScores],
+    candidates: list[registry.Candidate],
+    champion: registry.Candidate | None,
+    decision: registry.Decision,
+    workdir: Path,
+) -> None:
     """Metrics named `<model>/<scorer>/<aggregation>`, the table, the chart and the decision."""
     refs = {c.label: c.ref for c in candidates}
     if champion is not None:
@@ -279,10 +298,10 @@ def log_comparison(scores, candidates, champion, decision, workdir: Path) -> Non
         mlflow.log_metrics({f"{s.label}/{name}": value for name, value in s.metrics.items()})
         rows.append({"model": s.label, "version": refs[s.label],
                      **{name: s.metrics[name] for name in metric_names(QUALITY_SCORERS + COST_SCORERS)}})
-    onnx_metrics = next(s.metrics for s in scores if s.label == "onnx")
+    compared = next(s.metrics for s in scores if "agreement_exact/mean" in s.metrics)
     mlflow.log_metrics({
-        "agreement/exact": onnx_metrics["agreement_exact/mean"],
-        "agreement/token_overlap": onnx_metrics["agreement_token_overlap/mean"],
+        "agreement/exact": compared["agreement_exact/mean"],
+        "agreement/token_overlap": compared["agreement_token_overlap/mean"],
     })
     table = report.comparison_table(rows)
     mlflow.log_text(report.to_markdown(table), "comparison/comparison.md")
