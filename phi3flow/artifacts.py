@@ -9,7 +9,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from phi3flow import settings
-from phi3flow.errors import UserError
+from phi3flow.errors import AUTH_ERROR_CODES, UserError
 from phi3flow.fetch import manifest_of
 
 
@@ -44,7 +44,9 @@ def download_fetched_model(fetch_run_id: str, dst: Path) -> FetchedModel:
     client = mlflow.MlflowClient()
     try:
         run = client.get_run(fetch_run_id)
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code in AUTH_ERROR_CODES:
+            raise  # the run may exist: run_step reports the refusal
         raise UserError(f"no run with ID '{fetch_run_id}' in the tracking store {mlflow.get_tracking_uri()}") from None
     if run.info.status != "FINISHED":
         raise UserError(f"run '{fetch_run_id}' is {run.info.status}, not FINISHED")
