@@ -40,9 +40,10 @@ def step_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def mlflow_run(entry_point: str, params: dict[str, str], tracking_uri: str, timeout: float = 900, cwd: Path | None = None, **env: str) -> StepResult:
+def mlflow_run(entry_point: str, params: dict[str, str], tracking_uri: str, timeout: float = 900,
+               project: Path = REPO, cwd: Path | None = None, **env: str) -> StepResult:
     """`mlflow run . -e ENTRY -P k=v --env-manager local`, exactly as a user types it (from cwd)."""
-    cmd = [str(BIN / "mlflow"), "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
+    cmd = [str(BIN / "mlflow"), "run", str(project), "-e", entry_point, "--env-manager", "local"]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
     start = time.monotonic()
