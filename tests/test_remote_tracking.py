@@ -6,6 +6,7 @@ next step starts: steps hand each other nothing but run IDs.
 
 from __future__ import annotations
 
+import re
 import secrets
 import shutil
 import subprocess
@@ -68,15 +69,12 @@ def fetch_and_wrap(url: str, env: dict[str, str], tmp_path_factory, registered_m
     return Flow(env, fetch, onnx)
 
 
-def crown_and_ask(url: str, name: str, run_id: str) -> None:
-    """Alias the run's registered version `champion`; a process elsewhere loads and asks it."""
-    client = mlflow.MlflowClient(url)
-    [version] = [v.version for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
-    client.set_registered_model_alias(name, "champion", version)
-    answer = in_fresh_process(  # cwd="/" and a fresh download through the server
+def ask_champion(url: str, name: str) -> None:
+    """A process in another directory loads `models:/NAME@champion` through the server and asks it."""
+    answer = in_fresh_process(  # cwd="/", the model downloaded afresh through the server
         f"""
 import json, mlflow
-model = mlflow.pyfunc.load_model("models:/{name}@champion")
+model = mlflow.pyfunc.load_model("models:/{name}@{settings.CHAMPION_ALIAS}")
 print(json.dumps(model.predict({{"messages": [{{"role": "user", "content": "{settings.SEED_QUESTION}"}}], "max_tokens": 8}})))
 """,
         url,
@@ -106,7 +104,7 @@ def snapshot(url: str, experiment_id: str) -> dict:
     }
 
 
-# --- a plain `mlflow server` on sqlite, artifacts proxied (mlflow-artifacts:) ----------------------
+# --- a plain `mlflow server` on sqlite, and `main` through it -------------------------------------
 
 @pytest.fixture(scope="module")
 def sqlite_server(tmp_path_factory) -> Iterator[MlflowServer]:
@@ -116,42 +114,66 @@ def sqlite_server(tmp_path_factory) -> Iterator[MlflowServer]:
 
 
 @pytest.fixture(scope="module")
-def handover(sqlite_server, tmp_path_factory) -> Flow:
-    url = sqlite_server.url
-    env = {"MLFLOW_EXPERIMENT_ID": mlflow.MlflowClient(url).create_experiment("remote")}
-    return fetch_and_wrap(url, env, tmp_path_factory, settings.ONNX_MODEL_NAME)
+def scheduled(sqlite_server, tmp_path_factory) -> dict:
+    """What a scheduler needs: a copy of the project (no .git: main keys its cache by a hash of the
+    code files, as a development tree's uncommitted changes would disable it), an experiment."""
+    project = tmp_path_factory.mktemp("scheduled") / "phi3flow"
+    shutil.copytree(REPO, project, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache", "mlruns", "mlartifacts", "*.db"))
+    return {"project": project, "env": {"MLFLOW_EXPERIMENT_ID": mlflow.MlflowClient(sqlite_server.url).create_experiment("scheduled")}}
 
 
-def test_steps_hand_over_through_the_server_and_the_champion_loads_elsewhere(sqlite_server, handover):
+def run_main(url: str, scheduled: dict, tmp_path_factory) -> tuple[str, str]:
+    """`mlflow run <project> -e main` from an empty directory; the main run's ID and its output."""
+    result = mlflow_run("main", {"model_id": settings.BUILTIN_TINY}, url, project=scheduled["project"],
+                        cwd=tmp_path_factory.mktemp("cwd-main"), **scheduled["env"])
+    assert_ok(result)
+    return re.findall(r"Run \(ID '([0-9a-f]+)'\)", result.stderr)[-1], result.stdout  # main's is named last
+
+
+def steps_of(client: mlflow.MlflowClient, main_run_id: str) -> dict[str, str]:
+    tags = client.get_run(main_run_id).data.tags
+    return {entry_point: tags[settings.TAG_STEP_RUN.format(entry_point)] for entry_point in settings.MAIN_STEPS}
+
+
+@pytest.fixture(scope="module")
+def first_main(sqlite_server, scheduled, tmp_path_factory) -> str:
+    return run_main(sqlite_server.url, scheduled, tmp_path_factory)[0]
+
+
+def test_main_runs_through_the_server_and_its_champion_loads_elsewhere(sqlite_server, scheduled, first_main):
     client = mlflow.MlflowClient(sqlite_server.url)
-    experiment_id = handover.experiment_id
-    for run_id in (handover.fetch, handover.onnx):
+    experiment_id = scheduled["env"]["MLFLOW_EXPERIMENT_ID"]
+    for run_id in (first_main, *steps_of(client, first_main).values()):
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
         assert run.info.artifact_uri == f"mlflow-artifacts:/{experiment_id}/{run_id}/artifacts"
-    assert client.get_run(handover.onnx).data.tags[settings.TAG_FETCH_RUN_ID] == handover.fetch
     # The files went through the server into its --artifacts-destination.
-    stored = sqlite_server.artifacts / experiment_id / handover.fetch / "artifacts"
-    assert (stored / settings.MANIFEST_FILE).is_file()
-    assert (stored / settings.MODEL_ARTIFACT_DIR / "model.safetensors").is_file()
-    crown_and_ask(sqlite_server.url, settings.ONNX_MODEL_NAME, handover.onnx)
+    fetched = sqlite_server.artifacts / experiment_id / steps_of(client, first_main)["fetch_model"] / "artifacts"
+    assert (fetched / settings.MANIFEST_FILE).is_file()
+    assert (fetched / settings.MODEL_ARTIFACT_DIR / "model.safetensors").is_file()
+    name, version = client.get_run(steps_of(client, first_main)["evaluate"]).data.tags[settings.TAG_CHAMPION].split("/")
+    assert client.get_model_version_by_alias(name, settings.CHAMPION_ALIAS).version == version
+    ask_champion(sqlite_server.url, name)
 
 
-def test_server_restart_between_steps_loses_nothing_and_duplicates_nothing(sqlite_server, handover, tmp_path_factory):
-    url, experiment_id = sqlite_server.url, handover.experiment_id
+def test_server_restart_between_runs_loses_nothing_and_the_rerun_duplicates_nothing(sqlite_server, scheduled, first_main, tmp_path_factory):
+    url, experiment_id = sqlite_server.url, scheduled["env"]["MLFLOW_EXPERIMENT_ID"]
     before = snapshot(url, experiment_id)
-    assert len(before["runs"]) >= 2 and before["aliases"]
+    assert len(before["runs"]) >= 5 and before["aliases"]  # main, its 4 steps (and evaluate's own runs)
 
     sqlite_server.stop()
     sqlite_server.start()  # same port, same sqlite file, same artifact folder
     assert snapshot(url, experiment_id) == before
 
-    # The flow continues from the run logged before the restart (log_pipeline verifies every checksum).
-    pipeline = step_elsewhere("log_pipeline", {"fetch_run_id": handover.fetch}, url, handover.env, tmp_path_factory)
+    # The scheduled rerun finds every step's run from before the restart and reruns none.
+    rerun, output = run_main(url, scheduled, tmp_path_factory)
+    assert f"main run {rerun}: 0 steps run, 4 reused" in output
+    client = mlflow.MlflowClient(url)
+    assert steps_of(client, rerun) == steps_of(client, first_main)
     after = snapshot(url, experiment_id)
-    assert set(after["runs"]) == set(before["runs"]) | {pipeline}
-    assert {k: v for k, v in after["runs"].items() if k != pipeline} == before["runs"]
-    assert after["runs"][pipeline][2][settings.TAG_FETCH_RUN_ID] == handover.fetch
+    assert set(after["runs"]) == set(before["runs"]) | {rerun}
+    assert {k: v for k, v in after["runs"].items() if k != rerun} == before["runs"]
     assert after["versions"] == before["versions"] and after["aliases"] == before["aliases"]
 
 
@@ -246,13 +268,20 @@ def postgres_server(tmp_path_factory) -> Iterator[tuple[MlflowServer, str]]:
             yield server, database_uri
 
 
-def test_postgres_backend_holds_the_runs_and_serves_the_champion(postgres_server, tmp_path_factory):
+def test_steps_hand_over_run_ids_only_and_postgres_holds_the_runs(postgres_server, tmp_path_factory):
     server, database_uri = postgres_server
-    env = {"MLFLOW_EXPERIMENT_ID": mlflow.MlflowClient(server.url).create_experiment("postgres")}
+    client = mlflow.MlflowClient(server.url)
+    env = {"MLFLOW_EXPERIMENT_ID": client.create_experiment("postgres")}
     flow = fetch_and_wrap(server.url, env, tmp_path_factory, settings.ONNX_MODEL_NAME)
+    assert client.get_run(flow.onnx).data.tags[settings.TAG_FETCH_RUN_ID] == flow.fetch
+    for run_id in (flow.fetch, flow.onnx):
+        assert client.get_run(run_id).info.artifact_uri == f"mlflow-artifacts:/{flow.experiment_id}/{run_id}/artifacts"
     # The runs really are rows of the PostgreSQL database.
     with psycopg2.connect(database_uri) as conn, conn.cursor() as cursor:
         cursor.execute("SELECT run_uuid, status FROM runs WHERE experiment_id = %s", (int(flow.experiment_id),))
         assert dict(cursor.fetchall()) == {flow.fetch: "FINISHED", flow.onnx: "FINISHED"}
     conn.close()
-    crown_and_ask(server.url, settings.ONNX_MODEL_NAME, flow.onnx)
+    # Register + alias by hand (main's evaluate step does it otherwise); load it by alias elsewhere.
+    [version] = [v.version for v in client.search_model_versions(f"name='{settings.ONNX_MODEL_NAME}'")]
+    client.set_registered_model_alias(settings.ONNX_MODEL_NAME, settings.CHAMPION_ALIAS, version)
+    ask_champion(server.url, settings.ONNX_MODEL_NAME)
