@@ -1,7 +1,7 @@
 """The steps against real tracking servers: proxied artifacts, a restart, basic auth, PostgreSQL.
 
-Every step runs through `mlflow run` from its own empty directory, which is deleted before the
-next step starts: steps hand each other nothing but run IDs.
+Steps run one by one go through `mlflow run`, each from its own empty directory that is deleted
+before the next step starts: steps hand each other nothing but run IDs.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import psycopg2
@@ -48,14 +49,23 @@ def step_elsewhere(entry_point: str, params: dict[str, str], url: str, env: dict
 
 
 @dataclass(frozen=True)
-class Flow:
-    env: dict[str, str]  # what the steps ran with: MLFLOW_EXPERIMENT_ID and maybe credentials
-    fetch: str  # run IDs
-    onnx: str
+class Experiment:
+    env: dict[str, str]  # what the steps run with: MLFLOW_EXPERIMENT_ID and maybe credentials
 
     @property
     def experiment_id(self) -> str:
         return self.env["MLFLOW_EXPERIMENT_ID"]
+
+
+@dataclass(frozen=True)
+class Flow(Experiment):
+    fetch: str  # run IDs
+    onnx: str
+
+
+@dataclass(frozen=True)
+class Scheduled(Experiment):
+    project: Path  # the copy of the project that `main` runs
 
 
 def fetch_and_wrap(url: str, env: dict[str, str], tmp_path_factory, registered_model_name: str) -> Flow:
@@ -114,19 +124,20 @@ def sqlite_server(tmp_path_factory) -> Iterator[MlflowServer]:
 
 
 @pytest.fixture(scope="module")
-def scheduled(sqlite_server, tmp_path_factory) -> dict:
-    """What a scheduler needs: a copy of the project (no .git: main keys its cache by a hash of the
-    code files, as a development tree's uncommitted changes would disable it), an experiment."""
+def scheduled(sqlite_server, tmp_path_factory) -> Scheduled:
+    """What a scheduler has: a copy of the project and an experiment. The copy has no .git, so
+    main keys its cache by a hash of the code files (a dirty development tree would disable it)."""
     project = tmp_path_factory.mktemp("scheduled") / "phi3flow"
     shutil.copytree(REPO, project, ignore=shutil.ignore_patterns(
         ".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache", "mlruns", "mlartifacts", "*.db"))
-    return {"project": project, "env": {"MLFLOW_EXPERIMENT_ID": mlflow.MlflowClient(sqlite_server.url).create_experiment("scheduled")}}
+    env = {"MLFLOW_EXPERIMENT_ID": mlflow.MlflowClient(sqlite_server.url).create_experiment("scheduled")}
+    return Scheduled(env, project)
 
 
-def run_main(url: str, scheduled: dict, tmp_path_factory) -> tuple[str, str]:
+def run_main(url: str, scheduled: Scheduled, tmp_path_factory) -> tuple[str, str]:
     """`mlflow run <project> -e main` from an empty directory; the main run's ID and its output."""
-    result = mlflow_run("main", {"model_id": settings.BUILTIN_TINY}, url, project=scheduled["project"],
-                        cwd=tmp_path_factory.mktemp("cwd-main"), **scheduled["env"])
+    result = mlflow_run("main", {"model_id": settings.BUILTIN_TINY}, url, project=scheduled.project,
+                        cwd=tmp_path_factory.mktemp("cwd-main"), **scheduled.env)
     assert_ok(result)
     return re.findall(r"Run \(ID '([0-9a-f]+)'\)", result.stderr)[-1], result.stdout  # main's is named last
 
@@ -143,7 +154,7 @@ def first_main(sqlite_server, scheduled, tmp_path_factory) -> str:
 
 def test_main_runs_through_the_server_and_its_champion_loads_elsewhere(sqlite_server, scheduled, first_main):
     client = mlflow.MlflowClient(sqlite_server.url)
-    experiment_id = scheduled["env"]["MLFLOW_EXPERIMENT_ID"]
+    experiment_id = scheduled.experiment_id
     for run_id in (first_main, *steps_of(client, first_main).values()):
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
@@ -158,7 +169,7 @@ def test_main_runs_through_the_server_and_its_champion_loads_elsewhere(sqlite_se
 
 
 def test_server_restart_between_runs_loses_nothing_and_the_rerun_duplicates_nothing(sqlite_server, scheduled, first_main, tmp_path_factory):
-    url, experiment_id = sqlite_server.url, scheduled["env"]["MLFLOW_EXPERIMENT_ID"]
+    url, experiment_id = sqlite_server.url, scheduled.experiment_id
     before = snapshot(url, experiment_id)
     assert len(before["runs"]) >= 5 and before["aliases"]  # main, its 4 steps (and evaluate's own runs)
 
