@@ -10,7 +10,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from phi3flow import settings
-from phi3flow.errors import UserError
+from phi3flow.errors import AUTH_ERROR_CODES, UserError
 from phi3flow.fetch import manifest_of
 
 
@@ -44,7 +44,9 @@ def finished_run(run_id: str) -> Run:
     """The run with this ID, which must have finished: how every step reads its upstream run."""
     try:
         run = mlflow.MlflowClient().get_run(run_id)
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code in AUTH_ERROR_CODES:
+            raise  # the run may exist: run_step reports the refusal
         raise UserError(f"no run with ID '{run_id}' in the tracking store {mlflow.get_tracking_uri()}") from None
     if run.info.status != "FINISHED":
         raise UserError(f"run '{run_id}' is {run.info.status}, not FINISHED")
