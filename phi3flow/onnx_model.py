@@ -59,6 +59,7 @@ def log_onnx_model(onnx_dir: Path, interface: str, model_name: str, registered_m
             "max_tokens": settings.DEFAULT_MAX_TOKENS,
             "max_batch_size": settings.SERVE_MAX_BATCH_SIZE,
             "max_batch_tokens": settings.SERVE_MAX_BATCH_TOKENS,
+            "batch_gather_ms": settings.SERVE_BATCH_GATHER_MS,
         },
         signature=signature,
         input_example=example,

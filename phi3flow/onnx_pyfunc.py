@@ -116,6 +116,7 @@ class Job:
     ids: list[int]
     decoding: Decoding
     deadline: float | None
+    streaming: bool = False  # wants every token's text; otherwise only the final event
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: bool = False  # set by the consumer when it stops reading (a closed stream)
 
@@ -145,7 +146,10 @@ class Row:
 
     def _emit(self, piece: str, final: bool) -> None:
         self.done = final
-        self.job.events.put((piece, self.completion, final))
+        # Waking a waiting request thread for every token would take CPU (and the GIL) from
+        # the generation itself; a non-streaming request only needs its answer.
+        if final or self.job.streaming:
+            self.job.events.put((piece, self.completion, final))
 
     def fail(self, error: BaseException) -> None:
         self.done = True
@@ -186,7 +190,10 @@ class Row:
 class Batcher:
     """Runs every generation on its own thread, batching the jobs that wait for it."""
 
-    def __init__(self, model: og.Model, tokenizer: og.Tokenizer, genai_config: dict, max_batch_size: int, max_batch_tokens: int) -> None:
+    def __init__(
+        self, model: og.Model, tokenizer: og.Tokenizer, genai_config: dict,
+        max_batch_size: int, max_batch_tokens: int, gather_s: float,
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         config = genai_config["model"]
         eos = config["eos_token_id"]
@@ -197,6 +204,8 @@ class Batcher:
         # Bounds the KV cache of one batch (rows x padded length), so memory stays bounded
         # however many clients wait; a single request may still use the whole context.
         self.max_batch_tokens = max(max_batch_tokens, self.context_length)
+        self.gather_s = gather_s
+        self._last_size = 0
         self._waiting: deque[Job] = deque()
         self._wakeup = threading.Condition()
         threading.Thread(target=self._loop, name="phi3-onnx-batcher", daemon=True).start()
@@ -209,6 +218,13 @@ class Batcher:
     def _next_batch(self) -> list[Job]:
         """The oldest waiting job and, in arrival order, the waiting jobs that fit with it."""
         with self._wakeup:
+            # The clients the last batch answered usually send their next request within a few
+            # milliseconds. Waiting briefly for them puts them in one batch with the requests
+            # already queued, instead of two groups taking turns, each a whole generation behind.
+            target = min(self.max_batch_size, len(self._waiting) + self._last_size)
+            until = time.monotonic() + self.gather_s
+            while len(self._waiting) < target and time.monotonic() < until:
+                self._wakeup.wait(until - time.monotonic())
             while not self._waiting:
                 self._wakeup.wait()
             batch, skipped = [self._waiting.popleft()], deque()
@@ -223,6 +239,7 @@ class Batcher:
                 else:
                     skipped.append(job)
             self._waiting.extendleft(reversed(skipped))
+            self._last_size = len(batch)
             return batch
 
     def _loop(self) -> None:
@@ -293,6 +310,7 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
             self.model, self.tokenizer, genai,
             max_batch_size=int(config.get("max_batch_size", 8)),
             max_batch_tokens=int(config.get("max_batch_tokens", 8192)),
+            gather_s=float(config.get("batch_gather_ms", 50)) / 1000,
         )
 
     # ---- request parsing -------------------------------------------------------------------
@@ -443,6 +461,7 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
             raise _bad("streaming takes exactly one request")
         request = self._chat_request({**(params or {}), **requests[0]}, streaming=True)
         job = self._job(self._chat_prompt(request.get("messages")), request, _deadline())
+        job.streaming = True
         self.batcher.submit([job])
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         for piece, completion, final in job.results():

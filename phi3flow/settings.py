@@ -54,6 +54,8 @@ DEFAULT_MAX_TOKENS = 256
 # at most min(32, CPUs + 4) predict calls at once (asyncio's default thread pool).
 SERVE_MAX_BATCH_SIZE = 8
 SERVE_MAX_BATCH_TOKENS = 8192
+# How long a new batch waits for the clients of the previous one to come back (milliseconds)
+SERVE_BATCH_GATHER_MS = 50
 
 
 def pinned(*distributions: str) -> list[str]:
