@@ -102,7 +102,8 @@ def _deadline() -> float | None:
     if not MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.is_set():
         return None
     timeout = float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
-    return time.monotonic() + timeout - min(1.0, 0.1 * timeout)
+    # The server's clock started before it parsed the request: keep a margin for that.
+    return time.monotonic() + timeout - min(2.0, 0.2 * timeout)
 
 
 # One event of a generation: (new text, completion so far, is last), or the error that ended it.
