@@ -9,26 +9,47 @@ Interfaces (model_config["interface"]):
   `max_tokens`, `temperature`, `top_p`, `top_k`, `stop` in; one `chat.completion` per request out.
   `predict_stream` yields `chat.completion.chunk` objects.
 - "prompt": the seed's signature: rows of `{"prompt": str}` in, one string per row out.
+
+Concurrency: onnxruntime-genai is not thread-safe and the scoring server calls `predict` from
+several worker threads at once. Every generation therefore runs on one thread of its own (the
+batcher), and the requests waiting when it starts a generation share it as one onnxruntime-genai
+batch (`batch_size=N`, prompts padded). Decode on a CPU is bound by reading the weights, so N rows
+cost little more than one: aggregate tokens/s grows with the number of concurrent clients.
+Greedy answers are the same in a batch as alone (padding is masked), stop sequences, `max_tokens`
+and streaming stay per request, and requests with different sampling options go to different
+batches (onnxruntime-genai takes one set of search options per generator).
+
+Under `mlflow models serve`, a request still generating when the server's request timeout
+(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT) is about to expire is stopped with a clear 504 error, so
+an abandoned request never keeps the model busy.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import onnxruntime_genai as og
 import pandas as pd
+from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VALUE
 
 ROLES = ("system", "user", "assistant")
+# Fields of an llm/v1/chat request this model honours; anything else is refused, not ignored.
+CHAT_FIELDS = {"messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "n", "stream"}
+PROMPT_PARAMS = {"max_tokens", "temperature", "top_p", "top_k"}
 
 
 def _bad(message: str) -> MlflowException:
@@ -44,6 +65,11 @@ class Decoding:
     top_k: int
     stop: tuple[str, ...]
 
+    @property
+    def sampling(self) -> tuple:
+        """Requests can share a batch when this is equal: one set of search options per generator."""
+        return ("greedy",) if self.temperature == 0 else (self.temperature, self.top_p, self.top_k)
+
 
 @dataclass
 class Completion:
@@ -57,11 +83,215 @@ def _number(value: Any, name: str, kind: type) -> Any:
     """Accept ints and floats (and integral floats for int fields); refuse strings and bools."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(f"'{name}' must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise _bad(f"'{name}' must be a finite number, got {value}")
     if kind is int:
         if float(value) != int(value):
             raise _bad(f"'{name}' must be a whole number, got {value}")
         return int(value)
     return float(value)
+
+
+def _deadline() -> float | None:
+    """When the scoring server gives up on a request, or None outside the server.
+
+    The server answers 504 after MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT seconds but cannot stop
+    the thread running `predict`; stopping a little earlier here frees the batch row and lets
+    the client read why.
+    """
+    if not MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.is_set():
+        return None
+    timeout = float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
+    # The server's clock started before it parsed the request: keep a margin for that.
+    return time.monotonic() + timeout - min(2.0, 0.2 * timeout)
+
+
+# One event of a generation: (new text, completion so far, is last), or the error that ended it.
+Event = tuple[str, Completion, bool]
+
+
+@dataclass
+class Job:
+    """One request: its prompt ids and options in, its events out (filled by the batcher)."""
+
+    ids: list[int]
+    decoding: Decoding
+    deadline: float | None
+    streaming: bool = False  # wants every token's text; otherwise only the final event
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: bool = False  # set by the consumer when it stops reading (a closed stream)
+
+    def results(self) -> Iterator[Event]:
+        try:
+            while True:
+                item = self.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item[2]:
+                    return
+        finally:
+            self.cancelled = True  # after the last event this changes nothing; before it frees the row
+
+    def wait(self) -> Completion:
+        return next(completion for _, completion, final in self.results() if final)
+
+
+class Row:
+    """A job's place in a running batch: turns its tokens into text and decides when it ends."""
+
+    def __init__(self, job: Job, stream: og.TokenizerStream, eos: set[int]) -> None:
+        self.job, self.stream, self.eos = job, stream, eos
+        self.completion = Completion("", len(job.ids), 0, "length")
+        self.done = False
+
+    def _emit(self, piece: str, final: bool) -> None:
+        self.done = final
+        # Waking a waiting request thread for every token would take CPU (and the GIL) from
+        # the generation itself; a non-streaming request only needs its answer.
+        if final or self.job.streaming:
+            self.job.events.put((piece, self.completion, final))
+
+    def fail(self, error: BaseException) -> None:
+        self.done = True
+        self.job.events.put(error)
+
+    def check_deadline(self, now: float) -> None:
+        if self.job.cancelled:
+            self.done = True
+        elif self.job.deadline is not None and now > self.job.deadline:
+            limit = MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()
+            self.fail(MlflowException(
+                f"the answer did not finish within the server's {limit} s request timeout"
+                f" (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT) after {self.completion.completion_tokens}"
+                f" of {self.job.decoding.max_tokens} tokens: ask for fewer max_tokens or raise the timeout",
+                error_code=DEADLINE_EXCEEDED,  # answered with HTTP 504
+            ))
+
+    def take(self, token: int) -> None:
+        done, decoding = self.completion, self.job.decoding
+        done.completion_tokens += 1
+        piece = self.stream.decode(token)
+        if not done.text:
+            piece = piece.lstrip()  # sentencepiece's leading space, stripped as MLflow does
+        text = done.text + piece
+        cut = min((text.find(s) for s in decoding.stop if s in text), default=-1)
+        if cut >= 0:  # a stop sequence: answer up to it, without it
+            done.text, done.finish_reason = text[:cut], "stop"
+            self._emit(piece[: max(0, cut - (len(text) - len(piece)))], True)
+            return
+        done.text = text
+        if token in self.eos and done.completion_tokens < decoding.max_tokens:
+            done.finish_reason = "stop"  # an end-of-text token
+            self._emit(piece, True)
+        else:
+            self._emit(piece, token in self.eos or done.completion_tokens == decoding.max_tokens)
+
+
+class Batcher:
+    """Runs every generation on its own thread, batching the jobs that wait for it."""
+
+    def __init__(
+        self, model: og.Model, tokenizer: og.Tokenizer, genai_config: dict,
+        max_batch_size: int, max_batch_tokens: int, gather_s: float,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        config = genai_config["model"]
+        eos = config["eos_token_id"]
+        self.eos = set(eos) if isinstance(eos, list) else {eos}
+        self.pad = int(config.get("pad_token_id", min(self.eos)))
+        self.context_length = int(config["context_length"])
+        self.max_batch_size = max_batch_size
+        # Bounds the KV cache of one batch (rows x padded length), so memory stays bounded
+        # however many clients wait; a single request may still use the whole context.
+        self.max_batch_tokens = max(max_batch_tokens, self.context_length)
+        self.gather_s = gather_s
+        self._last_size = 0
+        self._waiting: deque[Job] = deque()
+        self._wakeup = threading.Condition()
+        threading.Thread(target=self._loop, name="phi3-onnx-batcher", daemon=True).start()
+
+    def submit(self, jobs: list[Job]) -> None:
+        with self._wakeup:
+            self._waiting.extend(jobs)
+            self._wakeup.notify()
+
+    def _next_batch(self) -> list[Job]:
+        """The oldest waiting job and, in arrival order, the waiting jobs that fit with it."""
+        with self._wakeup:
+            # The clients the last batch answered usually send their next request within a few
+            # milliseconds. Waiting briefly for them puts them in one batch with the requests
+            # already queued, instead of two groups taking turns, each a whole generation behind.
+            target = min(self.max_batch_size, len(self._waiting) + self._last_size)
+            until = time.monotonic() + self.gather_s
+            while len(self._waiting) < target and time.monotonic() < until:
+                self._wakeup.wait(until - time.monotonic())
+            while not self._waiting:
+                self._wakeup.wait()
+            batch, skipped = [self._waiting.popleft()], deque()
+            width, new = len(batch[0].ids), batch[0].decoding.max_tokens
+            while self._waiting and len(batch) < self.max_batch_size:
+                job = self._waiting.popleft()
+                w, n = max(width, len(job.ids)), max(new, job.decoding.max_tokens)
+                fits = w + n <= self.context_length and (len(batch) + 1) * (w + n) <= self.max_batch_tokens
+                if job.decoding.sampling == batch[0].decoding.sampling and fits:
+                    batch.append(job)
+                    width, new = w, n
+                else:
+                    skipped.append(job)
+            self._waiting.extendleft(reversed(skipped))
+            self._last_size = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            rows = [Row(job, self.tokenizer.create_stream(), self.eos) for job in self._next_batch()]
+            try:
+                self._generate(rows)
+            except Exception as error:  # one failed batch must not stop the server
+                for row in rows:
+                    if not row.done:
+                        row.fail(error)
+
+    def _generate(self, rows: list[Row]) -> None:
+        now = time.monotonic()
+        for row in rows:
+            row.check_deadline(now)  # waited too long for its turn, or its client left
+        rows = [row for row in rows if not row.done]
+        if not rows:
+            return
+        width = max(len(row.job.ids) for row in rows)
+        # Prompts padded on the right with the pad token, as `Tokenizer.encode_batch` does;
+        # onnxruntime-genai masks the padding, so each row decodes as it would alone.
+        ids = np.full((len(rows), width), self.pad, dtype=np.int32)
+        for i, row in enumerate(rows):
+            ids[i, : len(row.job.ids)] = row.job.ids
+        decoding = rows[0].job.decoding
+        search: dict[str, Any] = {
+            "batch_size": len(rows),
+            "max_length": width + max(row.job.decoding.max_tokens for row in rows),
+            "do_sample": decoding.temperature > 0,
+        }
+        if decoding.temperature > 0:
+            search.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(**search)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(ids)
+        while not all(row.done for row in rows) and not generator.is_done():
+            generator.generate_next_token()
+            tokens = generator.get_next_tokens()
+            now = time.monotonic()
+            for row, token in zip(rows, tokens):
+                if not row.done:
+                    row.take(int(token))
+                if not row.done:
+                    row.check_deadline(now)
+        # Rows that ended early (stop sequence, their own max_tokens) ride along until the batch
+        # ends; the loop stops as soon as every row is done.
+        for row in rows:
+            if not row.done:
+                row.fail(RuntimeError(f"generation ended after {row.completion.completion_tokens} tokens"))
 
 
 class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
@@ -72,14 +302,17 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
         self.default_max_tokens = int(config.get("max_tokens", 256))
         self.default_temperature = float(config.get("temperature", 0.0))
         folder = Path(context.artifacts["onnx"])
-        # Loaded once; every request gets its own generator from this shared model.
+        # Loaded once and shared: the batcher thread runs every generation on it.
         self.model = og.Model(str(folder))
         self.tokenizer = og.Tokenizer(self.model)
         genai = json.loads((folder / "genai_config.json").read_text())
         self.context_length = int(genai["model"]["context_length"])
-        # onnxruntime-genai is not thread-safe and the scoring server calls predict from worker
-        # threads: one generation at a time.
-        self._lock = threading.Lock()
+        self.batcher = Batcher(
+            self.model, self.tokenizer, genai,
+            max_batch_size=int(config.get("max_batch_size", 8)),
+            max_batch_tokens=int(config.get("max_batch_tokens", 8192)),
+            gather_s=float(config.get("batch_gather_ms", 50)) / 1000,
+        )
 
     # ---- request parsing -------------------------------------------------------------------
 
@@ -133,8 +366,13 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
         return self.tokenizer.apply_chat_template(json.dumps(clean), add_generation_prompt=True)
 
     def _requests(self, model_input: Any) -> list[dict[str, Any]]:
+        filled: set[str] = set()  # columns where a NaN can only be pandas' "missing"
         if isinstance(model_input, pd.DataFrame):
             rows = model_input.to_dict(orient="records")
+            # MLflow turns a request into a frame with a column per field sent; in a column that
+            # some row filled, NaN marks the rows that left it out. In any other column it is a
+            # NaN the client sent, refused later as not a finite number.
+            filled = {c for c in model_input.columns if model_input[c].notna().any()}
         elif isinstance(model_input, dict):
             rows = [model_input]
         elif isinstance(model_input, list):
@@ -146,50 +384,26 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
             if not isinstance(row, dict):
                 raise _bad("each request must be an object")
             # pandas fills absent optional fields with None or NaN
-            clean_rows.append({k: v for k, v in row.items() if not (v is None or (isinstance(v, float) and v != v))})
+            clean_rows.append({k: v for k, v in row.items() if not (v is None or (isinstance(v, float) and v != v and k in filled))})
         return clean_rows
 
     # ---- generation --------------------------------------------------------------------------
 
-    def _stream(self, prompt: str, request: dict[str, Any]) -> Iterator[tuple[str, Completion, bool]]:
-        """Yield (new text, completion so far, is last) after each generated token."""
+    def _job(self, prompt: Any, request: dict[str, Any], deadline: float | None) -> Job:
+        """A validated job for the batcher; bad input raises here, in the caller's thread."""
         if not isinstance(prompt, str):
             raise _bad(f"'prompt' must be a string, got {type(prompt).__name__}")
-        ids = self.tokenizer.encode(prompt)
-        decoding = self._decoding(request, len(ids))
-        params = og.GeneratorParams(self.model)
-        search: dict[str, Any] = {"max_length": len(ids) + decoding.max_tokens, "do_sample": decoding.temperature > 0}
-        if decoding.temperature > 0:
-            search.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
-        params.set_search_options(**search)
-        done = Completion("", len(ids), 0, "length")
-        with self._lock:
-            generator = og.Generator(self.model, params)
-            generator.append_tokens(ids)
-            stream = self.tokenizer.create_stream()
-            while not generator.is_done():
-                generator.generate_next_token()
-                done.completion_tokens += 1
-                piece = stream.decode(int(generator.get_next_tokens()[0]))
-                if not done.text:
-                    piece = piece.lstrip()  # sentencepiece's leading space, stripped as MLflow does
-                text = done.text + piece
-                cut = min((text.find(s) for s in decoding.stop if s in text), default=-1)
-                if cut >= 0:  # a stop sequence: answer up to it, without it
-                    done.text, done.finish_reason = text[:cut], "stop"
-                    yield piece[: max(0, cut - (len(text) - len(piece)))], done, True
-                    return
-                done.text = text
-                final = generator.is_done()
-                if final and done.completion_tokens < decoding.max_tokens:
-                    done.finish_reason = "stop"  # an end-of-text token
-                yield piece, done, final
+        ids = [int(i) for i in self.tokenizer.encode(prompt)]
+        return Job(ids, self._decoding(request, len(ids)), deadline)
 
-    def _complete(self, prompt: str, request: dict[str, Any]) -> Completion:
-        for _, completion, final in self._stream(prompt, request):
-            if final:
-                return completion
-        raise AssertionError("generation ended without a final token")
+    def _run(self, jobs: list[Job]) -> list[Completion]:
+        """Generate all jobs (they may share batches, with each other and with other callers)."""
+        self.batcher.submit(jobs)
+        try:
+            return [job.wait() for job in jobs]
+        finally:
+            for job in jobs:  # one failed: the others' answers are not wanted any more
+                job.cancelled = True
 
     def _chat_completion(self, completion: Completion) -> dict[str, Any]:
         return {
@@ -213,22 +427,32 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
 
     # ---- pyfunc API ----------------------------------------------------------------------------
 
+    def _chat_request(self, request: dict[str, Any], streaming: bool = False) -> dict[str, Any]:
+        unknown = sorted(set(request) - CHAT_FIELDS)
+        if unknown:
+            raise _bad(f"unsupported field(s) {', '.join(map(repr, unknown))}; this model takes {', '.join(sorted(CHAT_FIELDS))}")
+        if request.get("n", 1) != 1:
+            raise _bad("only n=1 is supported")
+        if request.get("stream") and not streaming:
+            raise _bad("'stream': true is not available here; leave it out, or call predict_stream")
+        return request
+
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         requests = self._requests(model_input)
+        deadline = _deadline()
         if self.interface == "prompt":
             # The seed's interface: one string per row; decoding options come as params.
             options = dict(params or {})
+            if unknown := sorted(set(options) - PROMPT_PARAMS):
+                raise _bad(f"unsupported param(s) {', '.join(map(repr, unknown))}; this model takes {', '.join(sorted(PROMPT_PARAMS))}")
             for request in requests:
-                if "prompt" not in request:
-                    raise _bad("each row needs a 'prompt' string")
-            return [self._complete(request["prompt"], options).text for request in requests]
-        outputs = []
-        for request in requests:
-            if request.get("n", 1) != 1:
-                raise _bad("only n=1 is supported")
-            merged = {**(params or {}), **request}
-            outputs.append(self._chat_completion(self._complete(self._chat_prompt(request.get("messages")), merged)))
-        return outputs
+                if set(request) != {"prompt"}:
+                    raise _bad("each row takes exactly one field, 'prompt' (a string)")
+            jobs = [self._job(request["prompt"], options, deadline) for request in requests]
+            return [completion.text for completion in self._run(jobs)]
+        requests = [self._chat_request({**(params or {}), **request}) for request in requests]
+        jobs = [self._job(self._chat_prompt(request.get("messages")), request, deadline) for request in requests]
+        return [self._chat_completion(completion) for completion in self._run(jobs)]
 
     def predict_stream(self, context, model_input, params: dict[str, Any] | None = None):
         if self.interface != "chat":
@@ -236,10 +460,12 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
         requests = self._requests(model_input)
         if len(requests) != 1:
             raise _bad("streaming takes exactly one request")
-        request = {**(params or {}), **requests[0]}
-        prompt = self._chat_prompt(request.get("messages"))
+        request = self._chat_request({**(params or {}), **requests[0]}, streaming=True)
+        job = self._job(self._chat_prompt(request.get("messages")), request, _deadline())
+        job.streaming = True
+        self.batcher.submit([job])
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        for piece, completion, final in self._stream(prompt, request):
+        for piece, completion, final in job.results():
             yield {
                 "id": chunk_id,
                 "object": "chat.completion.chunk",

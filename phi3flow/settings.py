@@ -49,6 +49,14 @@ SEED_PROMPT = "<|system|>You are a stand-up comedian.<|end|><|user|>Tell me a jo
 # Generation defaults logged with both models (entry-point parameters override them)
 DEFAULT_MAX_TOKENS = 256
 
+# Serving the ONNX model: concurrent requests share onnxruntime-genai batches of at most this many
+# rows and this many tokens (rows x padded length: the batch's KV cache). The scoring server runs
+# at most min(32, CPUs + 4) predict calls at once (asyncio's default thread pool).
+SERVE_MAX_BATCH_SIZE = 8
+SERVE_MAX_BATCH_TOKENS = 8192
+# How long a new batch waits for the clients of the previous one to come back (milliseconds)
+SERVE_BATCH_GATHER_MS = 50
+
 
 def pinned(*distributions: str) -> list[str]:
     """`name==version` of installed distributions: the explicit pip requirements of a logged model."""
