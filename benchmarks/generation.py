@@ -414,7 +414,7 @@ def main() -> None:
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128 (16 with --smoke)")
-    parser.add_argument("--repeats", type=int, default=None, help="measured generations per path; default 3 (1 with --smoke)")
+    parser.add_argument("--repeats", type=int, default=None, help="measured generations per path; default 4 (1 with --smoke)")
     parser.add_argument("--serve-workers", type=int, default=1, help="uvicorn workers of `mlflow models serve`")
     parser.add_argument("--smoke", action="store_true", help="the tiny model instead: checks the benchmark works, in seconds")
     parser.add_argument("--skip-build", action="store_true", help="reuse the model folder of an earlier run if there is one")
@@ -424,7 +424,7 @@ def main() -> None:
     parser.add_argument("--experiment", default="phi3flow-benchmarks")
     args = parser.parse_args()
     new_tokens = args.new_tokens or (16 if args.smoke else 128)
-    repeats = args.repeats or (1 if args.smoke else 3)
+    repeats = args.repeats or (1 if args.smoke else 4)
 
     load_start = os.getloadavg()
     workdir = args.workdir.resolve()
