@@ -51,10 +51,7 @@ def log_pipeline_model(
         task="llm/v1/chat",
         # Generation defaults; a request's max_tokens overrides max_new_tokens.
         model_config={"max_new_tokens": max_new_tokens, "do_sample": do_sample},
-        # No input_example: MLflow validates one by loading a second copy of the model from the
-        # saved files while this one is still in memory, and generating max_new_tokens tokens with
-        # it (on a 4-layer Phi-3-mini-shaped model: peak RSS 2.1x the weight bytes, 84 s of 114 s).
-        # The llm/v1/chat signature is set by MLflow from the task either way.
+        input_example={"messages": [{"role": "user", "content": settings.SEED_QUESTION}]},
         # Explicit: inference would add torchvision (absent here) and load the model in a subprocess.
         pip_requirements=settings.pinned("mlflow", "transformers", "tokenizers", "safetensors", "torch", "numpy", "pandas"),
         registered_model_name=registered_model_name,
