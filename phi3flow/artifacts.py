@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from phi3flow import settings
-from phi3flow.errors import UserError
+from phi3flow.errors import AUTH_ERROR_CODES, UserError
 from phi3flow.fetch import manifest_of
 
 
@@ -39,15 +40,23 @@ def verify_manifest(folder: Path, manifest: dict) -> None:
         raise UserError(f"model files do not match the manifest: missing={missing} unexpected={extra} checksum mismatch={changed}")
 
 
+def finished_run(run_id: str) -> Run:
+    """The run with this ID, which must have finished: how every step reads its upstream run."""
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code in AUTH_ERROR_CODES:
+            raise  # the run may exist: run_step reports the refusal
+        raise UserError(f"no run with ID '{run_id}' in the tracking store {mlflow.get_tracking_uri()}") from None
+    if run.info.status != "FINISHED":
+        raise UserError(f"run '{run_id}' is {run.info.status}, not FINISHED")
+    return run
+
+
 def download_fetched_model(fetch_run_id: str, dst: Path) -> FetchedModel:
     """Download the `model/` artifacts of a fetch_model run into dst and verify them."""
     client = mlflow.MlflowClient()
-    try:
-        run = client.get_run(fetch_run_id)
-    except MlflowException:
-        raise UserError(f"no run with ID '{fetch_run_id}' in the tracking store {mlflow.get_tracking_uri()}") from None
-    if run.info.status != "FINISHED":
-        raise UserError(f"run '{fetch_run_id}' is {run.info.status}, not FINISHED")
+    run = finished_run(fetch_run_id)
     names = {f.path for f in client.list_artifacts(fetch_run_id)}
     if settings.MODEL_ARTIFACT_DIR not in names or settings.MANIFEST_FILE not in names:
         raise UserError(f"run '{fetch_run_id}' has no {settings.MODEL_ARTIFACT_DIR}/ and {settings.MANIFEST_FILE}: is it a fetch_model run?")

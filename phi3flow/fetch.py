@@ -64,6 +64,21 @@ def architecture_of(folder: Path) -> str:
 
 def resolve(model_id: str, revision: str, workdir: Path) -> Source:
     """Make the model's files available locally; workdir holds anything that must be built."""
+    return _local_source(model_id, revision, workdir) or _from_hub(model_id, revision)
+
+
+def resolve_revision(model_id: str, revision: str, workdir: Path) -> str:
+    """What `resolve` would record as the resolved revision, without downloading Hub files.
+
+    A Hub commit SHA costs one metadata request; local and builtin sources are hashed (the tiny
+    model is built into workdir, a few seconds).
+    """
+    local = _local_source(model_id, revision, workdir)
+    return local.resolved_revision if local else _hub_commit(model_id, revision)
+
+
+def _local_source(model_id: str, revision: str, workdir: Path) -> Source | None:
+    """The builtin model or an existing local folder; None for a valid Hub id; UserError otherwise."""
     if model_id.startswith("builtin:"):
         if model_id != settings.BUILTIN_TINY:
             raise UserError(f"unknown builtin model '{model_id}'; the only one is '{settings.BUILTIN_TINY}'")
@@ -77,20 +92,19 @@ def resolve(model_id: str, revision: str, workdir: Path) -> Source:
         raise UserError(f"local model folder '{model_id}' does not exist")
     if not _HUB_ID.match(model_id):
         raise UserError(f"model_id '{model_id}' is neither an existing local folder, a Hub id (owner/name) nor '{settings.BUILTIN_TINY}'")
-    return _from_hub(model_id, revision)
+    return None
 
 
-def _from_hub(model_id: str, revision: str) -> Source:
-    from huggingface_hub import HfApi, snapshot_download
+def _hub_commit(model_id: str, revision: str) -> str:
+    """The commit SHA that revision (branch, tag or commit) of a Hub model points at."""
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    parts = model_id.split("/", 2)
-    repo_id = "/".join(parts[:2])
-    subfolder = parts[2] if len(parts) == 3 else ""
+    repo_id = "/".join(model_id.split("/", 2)[:2])
     # The token comes only from HF_TOKEN (huggingface_hub reads it); it is never a parameter, so
     # it never reaches MLflow's params, tags or artifacts.
     try:
-        info = HfApi().model_info(repo_id, revision=revision, timeout=settings.HUB_TIMEOUT_S)
+        return HfApi().model_info(repo_id, revision=revision, timeout=settings.HUB_TIMEOUT_S).sha
     except GatedRepoError:
         raise UserError(f"'{repo_id}' is gated: accept its licence on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -100,16 +114,25 @@ def _from_hub(model_id: str, revision: str) -> Source:
     except Exception as exc:  # network failures surface as several client-library types
         raise UserError(f"cannot reach the Hugging Face Hub for '{repo_id}': {exc}") from None
 
+
+def _from_hub(model_id: str, revision: str) -> Source:
+    from huggingface_hub import snapshot_download
+
+    parts = model_id.split("/", 2)
+    repo_id = "/".join(parts[:2])
+    subfolder = parts[2] if len(parts) == 3 else ""
+    sha = _hub_commit(model_id, revision)
+
     patterns = [f"{subfolder}/{p}" if subfolder else p for p in settings.HUB_ALLOW_PATTERNS]
-    print(f"downloading {model_id} at {info.sha} ...", flush=True)
+    print(f"downloading {model_id} at {sha} ...", flush=True)
     try:
         # Into the Hugging Face cache, so a scheduled rerun of the same commit downloads nothing.
         snapshot = snapshot_download(
-            repo_id, revision=info.sha, allow_patterns=patterns, etag_timeout=settings.HUB_TIMEOUT_S
+            repo_id, revision=sha, allow_patterns=patterns, etag_timeout=settings.HUB_TIMEOUT_S
         )
     except Exception as exc:
-        raise UserError(f"download of '{model_id}' at {info.sha} failed: {exc}") from None
+        raise UserError(f"download of '{model_id}' at {sha} failed: {exc}") from None
     path = Path(snapshot) / subfolder
     if not path.is_dir():
-        raise UserError(f"'{repo_id}' has no folder '{subfolder}' at {info.sha}")
-    return Source(path, model_id, revision, info.sha)
+        raise UserError(f"'{repo_id}' has no folder '{subfolder}' at {sha}")
+    return Source(path, model_id, revision, sha)

@@ -55,3 +55,40 @@ def pinned(*distributions: str) -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in distributions]
+
+# evaluate
+BUNDLED_EVAL_DATA = "bundled"  # the eval_data value that means data/eval_bundled.jsonl
+BUNDLED_EVAL_FILE = "data/eval_bundled.jsonl"  # relative to the project root
+EVAL_MAX_TOKENS = 64  # short answers: the bundled set asks short questions
+EVAL_PROMPT_COLUMN = "prompt"
+EVAL_REFERENCE_COLUMN = "reference"
+EVAL_SYSTEM_COLUMN = "system"  # optional
+TAG_PIPELINE_RUN_ID = "phi3.pipeline_run_id"
+TAG_ONNX_RUN_ID = "phi3.onnx_run_id"
+TAG_PIPELINE_MODEL_ID = "phi3.pipeline_model_id"  # the logged model (m-...) evaluated
+TAG_ONNX_MODEL_ID = "phi3.onnx_model_id"
+TAG_EVAL_RUN_ID = "phi3.eval_run_id"  # on a registered model version: the evaluate run that scored it
+
+# The champion: the registry alias that serving and scheduled reruns follow. The rule: the best
+# QUALITY_METRIC wins, THROUGHPUT_METRIC breaks ties; the alias moves only if the winner's quality is
+# at least the current champion's (re-measured on the same data) minus the tolerance.
+CHAMPION_ALIAS = "champion"
+QUALITY_METRIC = "rouge_l/mean"
+THROUGHPUT_METRIC = "tokens_per_second/p50"
+DEFAULT_TOLERANCE = 0.02  # absolute, on the quality metric (ROUGE-L F1 in [0, 1])
+TAG_CHAMPION = "phi3.champion"  # "<registered name>/<version>" holding the alias after the run
+TAG_CHAMPION_DECISION = "phi3.champion_decision"  # promoted | unchanged | rejected
+TAG_CHAMPION_REASON = "phi3.champion_reason"
+
+# main: the chain of steps and its cache
+MAIN_STEPS = ("fetch_model", "log_pipeline", "log_onnx_wrapper", "evaluate")
+TAG_STEP_RUN = "phi3.step_run.{}"  # on a main run: the run ID of each step, by entry point
+TAG_CACHE_KEY = "phi3.cache_key"  # on a step run started by main: entry point + params + code
+TAG_CODE_VERSION = "phi3.code_version"  # "git:<commit>", "sha256:<hash>" or "dirty:<commit>"
+TAG_OWNER = "phi3.owner"  # on a main run: "<host>:<pid>", to tell a live run from one left by a hard kill
+TAG_STALE = "phi3.stale"  # on a run found RUNNING after its process died: why it was marked KILLED
+TAG_ENV_MANAGER = "phi3.env_manager"  # on a main run: the env manager its steps ran with
+SUMMARY_FILE = "summary.json"
+# What the steps' results depend on when the project is not a git checkout: hashed for the cache.
+CODE_FILES = ("MLproject", "python_env.yaml", "conda.yaml", "pyproject.toml")
+CODE_DIRS = ("steps", "phi3flow", "data")

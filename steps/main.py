@@ -1,6 +1,58 @@
-"""main: not implemented yet."""
+"""main: fetch_model -> log_pipeline and log_onnx_wrapper -> evaluate, reusing every unchanged step's run."""
 
-from phi3flow.errors import not_implemented
+from __future__ import annotations
+
+import signal
+import tempfile
+from pathlib import Path
+
+import click
+import mlflow
+
+from phi3flow import chain, settings
+from phi3flow.errors import UserError, run_step
+from phi3flow.onnx_convert import PRECISIONS
+from phi3flow.onnx_model import INTERFACES
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM (cron timeouts, systemd, kill) takes the same path as Ctrl-C: MLflow stops the running
+    # step and marks its run FAILED, and this run ends FAILED instead of being left RUNNING.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
+    raise KeyboardInterrupt
+
+
+@click.command()
+@click.option("--model-id", default=settings.DEFAULT_MODEL_ID, show_default=True,
+              help=f"Hub id (owner/name[/subfolder]), a local folder, or {settings.BUILTIN_TINY}.")
+@click.option("--revision", default=settings.DEFAULT_REVISION, show_default=True, help="Hub branch, tag or commit.")
+@click.option("--precision", default="int4", show_default=True, help=f"ONNX precision: one of {', '.join(PRECISIONS)}.")
+@click.option("--interface", default="chat", show_default=True, help=f"ONNX pyfunc interface: one of {', '.join(INTERFACES)}.")
+@click.option("--eval-data", default=settings.BUNDLED_EVAL_DATA, show_default=True, help="Evaluation set of the evaluate step.")
+@click.option("--force", type=bool, default=False, show_default=True, help="Rerun every step even when a finished run matches.")
+@click.option("--env-manager", default="", help="Env manager of the steps; empty: the one main was started with.")
+def main(model_id: str, revision: str, precision: str, interface: str, eval_data: str, force: bool, env_manager: str) -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
+    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_tag(settings.TAG_OWNER, chain.owner())
+        client = mlflow.MlflowClient()
+        stale = chain.mark_stale_runs(client, run.info.experiment_id)
+        project = Path.cwd()  # MLflow Projects runs every entry point in the project folder
+        flow = chain.Chain(project, run.info.experiment_id,
+                           env_manager or chain.caller_env_manager(client.get_run(run.info.run_id)),
+                           chain.code_version(project), force, client)
+        mlflow.set_tags({settings.TAG_ENV_MANAGER: flow.env_manager, settings.TAG_CODE_VERSION: flow.code})
+        try:
+            chain.run_flow(flow, model_id, revision, precision, interface, eval_data, Path(tmp))
+        except KeyboardInterrupt:
+            raise UserError("interrupted: the running step was stopped and its run marked FAILED") from None
+        finally:
+            mlflow.log_dict({**flow.summary(), "stale_runs_marked_killed": stale}, settings.SUMMARY_FILE)
+        for step in flow.runs:
+            print(f"  {step.entry_point:<17} {'reused' if step.reused else 'ran':<7} {step.run_id}", flush=True)
+        print(f"main run {run.info.run_id}: {sum(not s.reused for s in flow.runs)} steps run, "
+              f"{sum(s.reused for s in flow.runs)} reused", flush=True)
+
 
 if __name__ == "__main__":
-    not_implemented("main")
+    run_step(main)

@@ -40,13 +40,14 @@ def step_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def mlflow_run(entry_point: str, params: dict[str, str], tracking_uri: str, timeout: float = 900, **env: str) -> StepResult:
-    """`mlflow run . -e ENTRY -P k=v --env-manager local`, exactly as a user types it."""
-    cmd = [str(BIN / "mlflow"), "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
+def mlflow_run(entry_point: str, params: dict[str, str], tracking_uri: str, timeout: float = 900,
+               project: Path = REPO, cwd: Path | None = None, **env: str) -> StepResult:
+    """`mlflow run . -e ENTRY -P k=v --env-manager local`, exactly as a user types it (from cwd)."""
+    cmd = [str(BIN / "mlflow"), "run", str(project), "-e", entry_point, "--env-manager", "local"]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=step_env(tracking_uri, **env), stdin=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=step_env(tracking_uri, **env), stdin=subprocess.DEVNULL, cwd=cwd)
     found = re.search(r"Run \(ID '([0-9a-f]+)'\)", proc.stderr)
     return StepResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start, found.group(1) if found else None)
 

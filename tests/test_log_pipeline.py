@@ -32,6 +32,8 @@ def test_run_holds_a_transformers_chat_model_with_lineage(pipeline_run, fetch_ru
     assert all("==" in r for r in requirements)
     assert {r.split("==")[0] for r in requirements} >= {"mlflow", "transformers", "torch"}
     assert not any(r.startswith("torchvision") for r in requirements)
+    # The seed's question is the input example, saved without MLflow's reload-and-generate check.
+    assert "What is the capital of Spain?" in open(f"{local}/input_example.json").read()
     assert client.get_registered_model("phi3-pipeline-test").latest_versions
 
 

@@ -1,0 +1,319 @@
+"""Score logged chat models with `mlflow.genai.evaluate` and code scorers that need no network.
+
+Quality: exact match and containment of the reference, ROUGE-L F1 (computed here). Cost: completion
+tokens, latency per request (from each row's trace), output tokens per second. Agreement: how often
+two models' greedy answers are identical, and their token overlap. Every scorer is plain code, so
+none of them can vanish offline; a scorer that produced no value fails the evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.entities import SpanType
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.genai.scorers import Scorer, scorer
+
+from phi3flow import registry, report, settings
+from phi3flow.errors import UserError
+from phi3flow.eval_data import EvalData, EvalRow
+
+PEER_ANSWER = "peer_answer"  # expectation key: the other model's answer to the same row
+
+
+def p50(values: list[float]) -> float:
+    return float(np.percentile(values, 50))
+
+
+def p95(values: list[float]) -> float:
+    return float(np.percentile(values, 95))
+
+
+# ---- text measures ---------------------------------------------------------------------------
+
+def words(text: str) -> list[str]:
+    """Lowercase word tokens without punctuation: 'The capital is Madrid.' -> [the, capital, is, madrid]."""
+    return re.findall(r"\w+", text.casefold())
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence (the core of ROUGE-L), O(len(a) * len(b))."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def f1(common: int, predicted: int, expected: int) -> float:
+    if common == 0:
+        return 0.0
+    precision, recall = common / predicted, common / expected
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l_f1(answer: str, reference: str) -> float:
+    a, r = words(answer), words(reference)
+    return f1(lcs_length(a, r), len(a), len(r))
+
+
+def token_overlap_f1(a: str, b: str) -> float:
+    """Bag-of-words F1 between two texts (1.0 for two empty answers: they agree)."""
+    wa, wb = words(a), words(b)
+    if not wa and not wb:
+        return 1.0
+    return f1(sum((Counter(wa) & Counter(wb)).values()), len(wa), len(wb))
+
+
+# ---- scorers: `outputs` is the model's chat.completion dict ------------------------------------
+
+def content(outputs: dict[str, Any]) -> str:
+    return outputs["choices"][0]["message"]["content"]
+
+
+@scorer
+def exact_match(outputs, expectations) -> bool:
+    return words(content(outputs)) == words(expectations["expected_response"])
+
+
+@scorer
+def contains_reference(outputs, expectations) -> bool:
+    answer, reference = " ".join(words(content(outputs))), " ".join(words(expectations["expected_response"]))
+    return bool(reference) and f" {reference} " in f" {answer} "
+
+
+@scorer
+def rouge_l(outputs, expectations) -> float:
+    return rouge_l_f1(content(outputs), expectations["expected_response"])
+
+
+@scorer(aggregations=["mean", "max"])
+def completion_tokens(outputs) -> int:
+    return int(outputs["usage"]["completion_tokens"])
+
+
+def _seconds(trace) -> float:
+    """Duration of the root span, which wraps exactly one predict call (nanoseconds, not the ms of trace.info)."""
+    root = next(span for span in trace.data.spans if span.parent_id is None)
+    return (root.end_time_ns - root.start_time_ns) / 1e9
+
+
+@scorer(aggregations=["mean", p50, p95])
+def latency_s(trace) -> float:
+    return _seconds(trace)
+
+
+@scorer(aggregations=["mean", p50])
+def tokens_per_second(outputs, trace) -> float:
+    return int(outputs["usage"]["completion_tokens"]) / max(_seconds(trace), 1e-6)
+
+
+@scorer
+def agreement_exact(outputs, expectations) -> bool:
+    return content(outputs) == expectations[PEER_ANSWER]
+
+
+@scorer
+def agreement_token_overlap(outputs, expectations) -> float:
+    return token_overlap_f1(content(outputs), expectations[PEER_ANSWER])
+
+
+QUALITY_SCORERS: list[Scorer] = [exact_match, contains_reference, rouge_l]
+COST_SCORERS: list[Scorer] = [completion_tokens, latency_s, tokens_per_second]
+AGREEMENT_SCORERS: list[Scorer] = [agreement_exact, agreement_token_overlap]
+
+
+def metric_names(scorers: list[Scorer]) -> list[str]:
+    """The metrics mlflow.genai.evaluate logs for these scorers: '<scorer>/<aggregation>'."""
+    return [f"{s.name}/{a if isinstance(a, str) else a.__name__}" for s in scorers for a in (s.aggregations or ["mean"])]
+
+
+# ---- one model ---------------------------------------------------------------------------------
+
+@dataclass
+class ModelScores:
+    label: str  # "pipeline", "onnx" or "champion"
+    model_uri: str
+    run_id: str  # the child run holding this model's evaluation and traces
+    metrics: dict[str, float]
+    answers: list[str] = field(default_factory=list)  # one per eval row, in order
+
+
+def evaluate_model(
+    label: str,
+    model_uri: str,
+    rows: list[EvalRow],
+    max_tokens: int,
+    *,
+    logged_model_id: str | None = None,
+    peer_answers: list[str] | None = None,
+) -> ModelScores:
+    """Run mlflow.genai.evaluate on one model in a child run named after label; greedy decoding.
+
+    peer_answers (another model's answers to the same rows) adds the agreement scorers.
+    """
+    print(f"[{label}] loading {model_uri} ...", flush=True)
+    model = mlflow.pyfunc.load_model(model_uri)
+    answers: dict[str, str] = {}
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    @mlflow.trace(name=label, span_type=SpanType.CHAT_MODEL)
+    def predict(messages: list[dict[str, str]]) -> dict[str, Any]:
+        try:
+            # Greedy, so two models' answers can be compared token for token. top_k=1 is greedy in both
+            # runtimes whatever the model's logged defaults; temperature 0 is refused by transformers
+            # for a pipeline logged with sampling=true.
+            answer = model.predict({"messages": messages, "max_tokens": max_tokens, "top_k": 1})[0]
+        except Exception as exc:
+            with lock:
+                failures.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise
+        with lock:
+            answers[json.dumps(messages)] = content(answer)
+        return answer
+
+    data = []
+    for i, row in enumerate(rows):
+        expectations = {"expected_response": row.reference}
+        if peer_answers is not None:
+            expectations[PEER_ANSWER] = peer_answers[i]
+        data.append({"inputs": {"messages": row.messages}, "expectations": expectations})
+    scorers = QUALITY_SCORERS + COST_SCORERS + (AGREEMENT_SCORERS if peer_answers is not None else [])
+
+    # One request at a time: the latencies measure the model, not contention between requests.
+    os.environ["MLFLOW_GENAI_EVAL_MAX_WORKERS"] = "1"
+    with mlflow.start_run(run_name=label, nested=True) as child:
+        print(f"[{label}] answering {len(rows)} prompts (max_tokens={max_tokens}, greedy) ...", flush=True)
+        try:
+            result = mlflow.genai.evaluate(data=data, predict_fn=predict, scorers=scorers, model_id=logged_model_id)
+        except Exception:
+            if not failures:
+                raise
+    if failures:  # the model refused a request (e.g. max_tokens beyond its context): the user's to fix
+        raise UserError(f"the {label} model failed to answer: {failures[0]}")
+    missing = [name for name in metric_names(scorers) if name not in result.metrics]
+    if missing:
+        raise RuntimeError(f"{label}: scorers produced no value for {', '.join(missing)}; see the traces of run {child.info.run_id}")
+    ordered = [answers[json.dumps(row.messages)] for row in rows]
+    return ModelScores(label, model_uri, child.info.run_id, dict(result.metrics), ordered)
+
+
+# ---- the evaluate step: both models, the comparison, the champion -------------------------------
+
+@dataclass(frozen=True)
+class Outcome:
+    scores: list[ModelScores]
+    decision: registry.Decision
+
+
+def _candidate(scores: ModelScores, version: ModelVersion) -> registry.Candidate:
+    return registry.Candidate(scores.label, version, scores.metrics[settings.QUALITY_METRIC], scores.metrics[settings.THROUGHPUT_METRIC])
+
+
+def evaluate_and_promote(
+    pipeline_run_id: str,
+    onnx_run_id: str,
+    data: EvalData,
+    max_tokens: int,
+    pipeline_model_name: str,
+    onnx_model_name: str,
+    tolerance: float,
+    workdir: Path,
+) -> Outcome:
+    """Evaluate both runs' models on data, log the comparison, and move the champion alias by the rule.
+
+    Runs inside the active (parent) run; each model's evaluation and traces go to a child run.
+    """
+    if max_tokens < 1:
+        raise UserError(f"max_tokens must be at least 1, not {max_tokens}")
+    if tolerance < 0:
+        raise UserError(f"tolerance must be 0 or positive, not {tolerance}")
+    pipeline = registry.logged_model_of(pipeline_run_id, settings.PIPELINE_MODEL_NAME, "log_pipeline")
+    onnx = registry.logged_model_of(onnx_run_id, settings.ONNX_MODEL_NAME, "log_onnx_wrapper")
+    upstream = pipeline.run.data.tags
+    mlflow.set_tags({
+        settings.TAG_PIPELINE_RUN_ID: pipeline_run_id,
+        settings.TAG_ONNX_RUN_ID: onnx_run_id,
+        settings.TAG_PIPELINE_MODEL_ID: pipeline.model_id,
+        settings.TAG_ONNX_MODEL_ID: onnx.model_id,
+        settings.TAG_MODEL_ID: upstream.get(settings.TAG_MODEL_ID, ""),
+        settings.TAG_REVISION: upstream.get(settings.TAG_REVISION, ""),
+    })
+    mlflow.log_params({"eval_rows": len(data.rows), "eval_data_sha256": data.digest})
+    names = [pipeline_model_name, onnx_model_name]
+    champion_before = registry.current_champion(names)  # read before this run registers anything
+
+    # ONNX first: it refuses a max_tokens that does not fit the context at once, where transformers
+    # would generate on. The pipeline then scores its agreement with the ONNX answers.
+    onnx_scores = evaluate_model("onnx", onnx.uri, data.rows, max_tokens, logged_model_id=onnx.model_id)
+    pipeline_scores = evaluate_model("pipeline", pipeline.uri, data.rows, max_tokens, logged_model_id=pipeline.model_id,
+                                     peer_answers=onnx_scores.answers)
+    scores = [pipeline_scores, onnx_scores]
+    versions = [registry.register(pipeline, pipeline_model_name), registry.register(onnx, onnx_model_name)]
+    candidates = [_candidate(s, v) for s, v in zip(scores, versions)]
+
+    champion = None
+    if champion_before is not None:
+        champion = next((c for c in candidates if registry.same_version(c.version, champion_before)), None)
+        if champion is None:  # re-measure the champion now, on the same data and machine
+            held = evaluate_model("champion", f"models:/{champion_before.name}/{champion_before.version}", data.rows, max_tokens)
+            scores.append(held)
+            champion = _candidate(held, champion_before)
+    decision = registry.decide(candidates, champion, tolerance)
+    registry.apply(decision, names)
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    for version in versions:
+        client.set_model_version_tag(version.name, version.version, settings.TAG_EVAL_RUN_ID, run_id)
+
+    log_comparison(scores, candidates, champion, decision, workdir)
+    return Outcome(scores, decision)
+
+
+def log_comparison(
+    scores: list[ModelScores],
+    candidates: list[registry.Candidate],
+    champion: registry.Candidate | None,
+    decision: registry.Decision,
+    workdir: Path,
+) -> None:
+    """Metrics named `<model>/<scorer>/<aggregation>`, the table, the chart and the decision."""
+    refs = {c.label: c.ref for c in candidates}
+    if champion is not None:
+        refs.setdefault("champion", champion.ref)
+    rows = []
+    for s in scores:
+        mlflow.log_metrics({f"{s.label}/{name}": value for name, value in s.metrics.items()})
+        rows.append({"model": s.label, "version": refs[s.label],
+                     **{name: s.metrics[name] for name in metric_names(QUALITY_SCORERS + COST_SCORERS)}})
+    compared = next(s.metrics for s in scores if "agreement_exact/mean" in s.metrics)
+    mlflow.log_metrics({
+        "agreement/exact": compared["agreement_exact/mean"],
+        "agreement/token_overlap": compared["agreement_token_overlap/mean"],
+    })
+    table = report.comparison_table(rows)
+    mlflow.log_text(report.to_markdown(table), "comparison/comparison.md")
+    mlflow.log_text(table.to_csv(), "comparison/comparison.csv")
+    mlflow.log_artifact(str(report.speed_chart(table, workdir / "speed.png")), "comparison")
+    mlflow.set_tags({
+        settings.TAG_CHAMPION: decision.champion.ref,
+        settings.TAG_CHAMPION_DECISION: decision.action,
+        settings.TAG_CHAMPION_REASON: decision.reason[:5000],  # tag values are limited in size
+    })
+    mlflow.log_dict({"action": decision.action, "champion": decision.champion.ref, "reason": decision.reason,
+                     "rule": {"quality": settings.QUALITY_METRIC, "tie_break": settings.THROUGHPUT_METRIC}},
+                    "comparison/decision.json")
+    print(report.to_markdown(table), flush=True)
+    print(f"champion: {decision.action}: {decision.reason}", flush=True)

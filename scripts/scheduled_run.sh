@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# A scheduled rerun of the whole flow (`mlflow run <project> -e main`), safe to start from cron:
+# - one at a time: a run that finds the lock held exits 75 without starting anything;
+# - the output goes to a timestamped log file, whose path is printed;
+# - the exit status is main's, so the scheduler sees failures.
+# Arguments are passed to `mlflow run`, e.g. -P model_id=microsoft/Phi-3-mini-4k-instruct.
+# MLFLOW_TRACKING_URI (and credentials) come from the environment, as for any `mlflow run`.
+set -uo pipefail
+
+project_dir="$(cd "$(dirname "$0")/.." && pwd)"
+# Outside the project: a log file inside a git checkout would make its tree dirty, and a dirty
+# tree never reuses any step.
+log_dir="${PHI3FLOW_LOG_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/phi3flow}"
+env_manager="${PHI3FLOW_ENV_MANAGER:-local}"
+mkdir -p "$log_dir"
+
+# The lock is held by this shell's file descriptor 9, which `mlflow run` and the steps inherit:
+# it stays held until the last process of this run has exited.
+exec 9>>"$log_dir/scheduled_run.lock"
+if ! flock --nonblock 9; then
+    echo "error: another scheduled run of main holds $log_dir/scheduled_run.lock; not starting" >&2
+    exit 75  # EX_TEMPFAIL: try again at the next slot
+fi
+
+log="$log_dir/main-$(date -u +%Y%m%dT%H%M%SZ)-$$.log"
+echo "$(date -u +%FT%TZ) running main of $project_dir (env manager $env_manager); output in $log"
+mlflow run "$project_dir" -e main --env-manager "$env_manager" "$@" >"$log" 2>&1
+status=$?
+if [ "$status" -ne 0 ]; then
+    echo "error: main failed with exit status $status; output in $log" >&2
+    grep '^error:' "$log" >&2
+else
+    echo "$(date -u +%FT%TZ) $(grep '^main run ' "$log" | tail -n 1)"
+fi
+exit "$status"

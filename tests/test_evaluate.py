@@ -1,0 +1,249 @@
+"""evaluate: genai evaluation of both tiny models, the comparison artifacts, and the champion rule."""
+
+from __future__ import annotations
+
+import io
+import re
+import json
+from pathlib import Path
+
+import matplotlib.image
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from conftest import assert_ok, mlflow_run
+from phi3flow import settings
+from phi3flow.errors import UserError
+from phi3flow.eval_data import PROJECT_ROOT, load_eval_data
+from phi3flow.evaluation import AGREEMENT_SCORERS, COST_SCORERS, QUALITY_SCORERS, metric_names, rouge_l_f1, token_overlap_f1
+from phi3flow.registry import Candidate, decide
+
+BUNDLED_ROWS = len((PROJECT_ROOT / settings.BUNDLED_EVAL_FILE).read_text().splitlines())
+NAMES = {"pipeline_model_name": "eval-pipeline", "onnx_model_name": "eval-onnx"}
+
+
+def _alias_holder(names: list[str]) -> list[str]:
+    """Every '<name>/<version>' holding the champion alias among the registered names."""
+    client = mlflow.MlflowClient()
+    holders = []
+    for name in names:
+        try:
+            version = client.get_model_version_by_alias(name, settings.CHAMPION_ALIAS)
+        except MlflowException:
+            continue
+        holders.append(f"{name}/{version.version}")
+    return holders
+
+
+@pytest.fixture(scope="module")
+def bundled(pipeline_run, onnx_fp32_run, tracking_uri):
+    """One evaluate of the fp32 tiny models on the bundled set, default max_tokens and tolerance."""
+    result = mlflow_run("evaluate", {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id, **NAMES}, tracking_uri)
+    assert_ok(result)
+    return result
+
+
+def test_every_metric_is_logged_and_sane(bundled, pipeline_run, onnx_fp32_run):
+    run = mlflow.MlflowClient().get_run(bundled.run_id)
+    metrics, tags = run.data.metrics, run.data.tags
+    assert run.info.status == "FINISHED"
+    assert tags[settings.TAG_PIPELINE_RUN_ID] == pipeline_run.run_id
+    assert tags[settings.TAG_ONNX_RUN_ID] == onnx_fp32_run.run_id
+    assert tags[settings.TAG_MODEL_ID] == "builtin:tiny-phi3"
+    assert tags[settings.TAG_REVISION].startswith("sha256:")
+    assert run.data.params["eval_rows"] == str(BUNDLED_ROWS)
+    max_tokens = settings.EVAL_MAX_TOKENS
+    for label in ("pipeline", "onnx"):
+        m = {name: metrics[f"{label}/{name}"] for name in metric_names(QUALITY_SCORERS + COST_SCORERS)}
+        for quality in ("exact_match/mean", "contains_reference/mean", "rouge_l/mean"):
+            assert 0.0 <= m[quality] <= 1.0
+        assert 1 <= m["completion_tokens/mean"] <= m["completion_tokens/max"] <= max_tokens
+        assert 0 < m["latency_s/p50"] <= m["latency_s/p95"] < 30
+        assert 0 < m["tokens_per_second/p50"]
+    # fp32 and greedy: both runtimes produce the same tokens, so they agree on every row.
+    assert metrics["agreement/exact"] == 1.0
+    assert metrics["agreement/token_overlap"] == 1.0
+    assert metrics["pipeline/agreement_exact/mean"] == 1.0
+
+
+def test_each_model_has_a_child_run_with_one_trace_per_row(bundled):
+    run = mlflow.MlflowClient().get_run(bundled.run_id)
+    children = mlflow.search_runs(
+        experiment_ids=[run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{bundled.run_id}'", output_format="list"
+    )
+    assert sorted(c.info.run_name for c in children) == ["onnx", "pipeline"]
+    for child in children:
+        traces = mlflow.search_traces(locations=[run.info.experiment_id], run_id=child.info.run_id, return_type="list")
+        assert len(traces) == BUNDLED_ROWS
+        for trace in traces:
+            value = {a.name: a.value for a in trace.info.assessments}
+            assert {"exact_match", "contains_reference", "rouge_l"} <= set(value)
+            # Throughput per row is that row's completion tokens over its traced latency.
+            assert value["tokens_per_second"] == pytest.approx(value["completion_tokens"] / value["latency_s"])
+            assert value["expected_response"]  # the reference, logged as an expectation
+        assert set(metric_names(QUALITY_SCORERS + COST_SCORERS)) <= set(child.data.metrics)
+    compared = next(c for c in children if c.info.run_name == "pipeline")  # with the ONNX answers
+    assert set(metric_names(AGREEMENT_SCORERS)) <= set(compared.data.metrics)
+
+
+def test_comparison_table_and_chart_are_logged(bundled, tmp_path):
+    client = mlflow.MlflowClient()
+    metrics = client.get_run(bundled.run_id).data.metrics
+    base = f"runs:/{bundled.run_id}/comparison"
+    table = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"{base}/comparison.csv")), index_col="model")
+    assert list(table.index) == ["pipeline", "onnx"]
+    assert table.loc["onnx", "version"].startswith("eval-onnx/")
+    for label in table.index:
+        assert table.loc[label, "rouge_l/mean"] == pytest.approx(metrics[f"{label}/rouge_l/mean"])
+        assert table.loc[label, "latency_s/p95"] == pytest.approx(metrics[f"{label}/latency_s/p95"])
+    markdown = mlflow.artifacts.load_text(f"{base}/comparison.md").splitlines()
+    assert markdown[0].startswith("| model | version | exact_match/mean")
+    assert len(markdown) == 2 + len(table)
+    png = Path(mlflow.artifacts.download_artifacts(f"{base}/speed.png", dst_path=str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(png).shape
+    assert width > 300 and height > 200
+
+
+def test_first_evaluation_registers_both_and_crowns_one(bundled):
+    tags = mlflow.MlflowClient().get_run(bundled.run_id).data.tags
+    assert tags[settings.TAG_CHAMPION_DECISION] == "promoted"
+    assert "there was no champion" in tags[settings.TAG_CHAMPION_REASON]
+    assert _alias_holder(list(NAMES.values())) == [tags[settings.TAG_CHAMPION]]
+    client = mlflow.MlflowClient()
+    for name in NAMES.values():
+        [version] = client.search_model_versions(f"name = '{name}'")
+        assert version.tags[settings.TAG_EVAL_RUN_ID] == bundled.run_id
+
+
+def test_worse_challengers_do_not_move_the_champion(onnx_fp32_model, pipeline_run, onnx_fp32_run, fetch_run_id, tracking_uri, tmp_path):
+    # References are the fp32 models' own greedy answers, so the fp32 models score 1.0 ...
+    prompts = [json.loads(line)["prompt"] for line in (PROJECT_ROOT / settings.BUNDLED_EVAL_FILE).read_text().splitlines()[:10]]
+    max_tokens = 16
+    references = [
+        onnx_fp32_model.predict({"messages": [{"role": "user", "content": p}], "max_tokens": max_tokens})[0]["choices"][0]["message"]["content"]
+        for p in prompts
+    ]
+    data = tmp_path / "own_answers.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in zip(prompts, references)))
+    names = {"pipeline_model_name": "gate-pipeline", "onnx_model_name": "gate-onnx"}
+    common = {"eval_data": str(data), "max_tokens": str(max_tokens), **names}
+    first = mlflow_run("evaluate", {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id, **common}, tracking_uri)
+    assert_ok(first)
+    client = mlflow.MlflowClient()
+    first_run = client.get_run(first.run_id)
+    assert first_run.data.metrics["pipeline/rouge_l/mean"] == 1.0
+    assert first_run.data.metrics["onnx/rouge_l/mean"] == 1.0
+    champion = first_run.data.tags[settings.TAG_CHAMPION]
+    assert _alias_holder(list(names.values())) == [champion]
+
+    # ... and the challengers, a bfloat16 pipeline and an int4 ONNX model, really answer differently.
+    # The pipeline samples by default: evaluation must still decode it greedily.
+    bf16 = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id, "dtype": "bfloat16", "sampling": "true"}, tracking_uri)
+    int4 = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id}, tracking_uri)
+    second = mlflow_run("evaluate", {"pipeline_run_id": assert_ok(bf16), "onnx_run_id": assert_ok(int4), **common}, tracking_uri)
+    assert_ok(second)
+    run = client.get_run(second.run_id)
+    best = max(run.data.metrics["pipeline/rouge_l/mean"], run.data.metrics["onnx/rouge_l/mean"])
+    # The champion was measured again in this run, on the same data: it still scores 1.0.
+    assert run.data.metrics["champion/rouge_l/mean"] == 1.0
+    assert best < 1.0 - settings.DEFAULT_TOLERANCE
+    assert run.data.tags[settings.TAG_CHAMPION_DECISION] == "rejected"
+    assert f"regresses against champion {champion}" in run.data.tags[settings.TAG_CHAMPION_REASON]
+    assert run.data.tags[settings.TAG_CHAMPION] == champion
+    assert _alias_holder(list(names.values())) == [champion]  # not moved
+    assert client.search_model_versions("name = 'gate-onnx'")  # the challengers are registered all the same
+
+
+def _version(name: str, number: int) -> ModelVersion:
+    return ModelVersion(name=name, version=str(number), creation_timestamp=number)
+
+
+def test_rule_quality_first_then_throughput_then_tolerance():
+    fast = Candidate("onnx", _version("o", 2), quality=0.50, throughput=90.0)
+    slow = Candidate("pipeline", _version("p", 2), quality=0.50, throughput=10.0)
+    better = Candidate("pipeline", _version("p", 3), quality=0.60, throughput=10.0)
+    assert decide([slow, fast], None, 0.02).champion is fast  # equal quality: throughput decides
+    assert decide([better, fast], None, 0.02).champion is better  # quality first
+    held = Candidate("champion", _version("o", 1), quality=0.51, throughput=500.0)
+    assert decide([slow, fast], held, 0.02).action == "promoted"  # 0.50 >= 0.51 - 0.02
+    rejected = decide([slow, fast], held, 0.005)
+    assert rejected.action == "rejected" and rejected.champion is held
+    assert decide([slow, fast], fast, 0.0).action == "unchanged"
+
+
+def test_text_measures():
+    assert rouge_l_f1("The capital of Spain is Madrid.", "Madrid") == pytest.approx(2 * (1 / 6) / (1 / 6 + 1))
+    assert rouge_l_f1("Madrid", "madrid!") == 1.0
+    assert rouge_l_f1("", "Madrid") == 0.0
+    assert token_overlap_f1("a b c", "c b a") == 1.0
+    assert token_overlap_f1("a b", "c d") == 0.0
+
+
+def _write(tmp_path: Path, name: str, text: str) -> str:
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+def test_user_files_in_every_format_and_by_artifact_uri(tmp_path):
+    rows = [{"prompt": "What is 2 plus 2?", "reference": "4"}, {"prompt": "Capital of Peru?", "reference": "Lima", "system": "Be brief."}]
+    jsonl = _write(tmp_path, "set.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    csv = tmp_path / "set.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    parquet = tmp_path / "set.parquet"
+    pd.DataFrame(rows).to_parquet(parquet)
+    with mlflow.start_run() as holder:
+        mlflow.log_artifact(str(parquet), "data")
+    loaded = [load_eval_data(str(source), tmp_path / f"dl{i}").rows
+              for i, source in enumerate([jsonl, csv, parquet, f"runs:/{holder.info.run_id}/data/set.parquet"])]
+    assert all(rows_ == loaded[0] for rows_ in loaded)
+    assert loaded[0][1].messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"}]
+    assert loaded[0][0].messages == [{"role": "user", "content": "What is 2 plus 2?"}]
+    assert len(load_eval_data("bundled", tmp_path).rows) == BUNDLED_ROWS
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.jsonl", '{"prompt": "a", "reference": "b"}\n{"prompt": "c", "reference": "d"}\n{"prompt": "e", \n', "bad.jsonl line 3: not valid JSON"),
+        ("bad.jsonl", '{"prompt": "a", "reference": "b"}\n{"prompt": "c"}\n', "bad.jsonl line 2: 'reference' is missing or empty"),
+        ("bad.jsonl", '["a", "b"]\n', "bad.jsonl line 1: expected an object"),
+        ("bad.csv", "prompt,answer\nq,a\n", "bad.csv: missing column 'reference' (columns are prompt, answer)"),
+        ("bad.csv", "prompt,reference\nq,a\n,b\n", "bad.csv line 3: 'prompt' is missing or empty"),
+        ("empty.jsonl", "\n", "holds no rows"),
+        ("set.txt", "prompt,reference\n", "eval_data must be a .jsonl, .csv, .parquet file, not 'set.txt'"),
+    ],
+)
+def test_malformed_files_name_the_line_or_column(tmp_path, name, text, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_eval_data(_write(tmp_path, name, text), tmp_path)
+
+
+def test_missing_file_is_refused(tmp_path):
+    with pytest.raises(UserError, match="eval_data '/nonexistent/set.csv' is not a file"):
+        load_eval_data("/nonexistent/set.csv", tmp_path)
+
+
+@pytest.mark.parametrize("case", ["malformed-file", "too-many-tokens", "wrong-run"])
+def test_bad_step_input_fails_with_one_line(case, pipeline_run, onnx_fp32_run, tracking_uri, tmp_path):
+    params = {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id, **NAMES}
+    if case == "malformed-file":
+        params["eval_data"] = _write(tmp_path, "set.jsonl", '{"prompt": "a", "reference": "b"}\n{"prompt": 3, "reference": "d"}\n')
+    elif case == "too-many-tokens":
+        params["max_tokens"] = "100000"
+    else:
+        params["onnx_run_id"] = pipeline_run.run_id  # a run, but not a log_onnx_wrapper run
+    result = mlflow_run("evaluate", params, tracking_uri, timeout=300)
+    assert result.returncode != 0
+    assert len(result.error_lines) == 1, result.stderr
+    expected = {
+        "malformed-file": "set.jsonl line 2: 'prompt' must be a string, got int",
+        "too-many-tokens": "the onnx model failed to answer: 'max_tokens' is 100000 but only 4078 tokens fit",
+        "wrong-run": f"run '{pipeline_run.run_id}' logged no model named 'phi3-onnx': is it a log_onnx_wrapper run?",
+    }[case]
+    assert expected in result.error_lines[0]
+    assert "Traceback" not in result.stderr
+    assert mlflow.MlflowClient().get_run(result.run_id).info.status == "FAILED"

@@ -1,0 +1,333 @@
+"""The `main` entry point: chained step runs, the cache for scheduled reruns, faults, the cron wrapper.
+
+The tests run in file order against one clean git copy of the project and one experiment, like
+successive scheduled runs of the same flow: each test starts from what the previous ones left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import BIN, REPO, StepResult, assert_ok, mlflow_run, step_env
+from phi3flow import settings
+
+BUNDLED = REPO / settings.BUNDLED_EVAL_FILE
+
+
+def _eval_file(path: Path, rows: int) -> str:
+    """The first rows of the bundled evaluation set: evaluate's cost grows with every prompt."""
+    path.write_text("\n".join(BUNDLED.read_text().splitlines()[:rows]) + "\n")
+    return str(path)
+
+
+def _git(cwd: Path, *args: str) -> str:
+    # An explicit identity: CI machines may have none configured.
+    cmd = ["git", "-c", "user.name=phi3flow tests", "-c", "user.email=tests@phi3flow.invalid", *args]
+    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A clean git checkout of the project's files (a development tree is usually dirty)."""
+    root = tmp_path_factory.mktemp("project")
+    for name in _git(REPO, "ls-files", "--cached", "--others", "--exclude-standard").splitlines():
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "snapshot")
+    return root
+
+
+@pytest.fixture(scope="module")
+def params(tmp_path_factory) -> dict[str, str]:
+    """The parameters of main in the scheduled reruns below."""
+    return {"model_id": settings.BUILTIN_TINY, "eval_data": _eval_file(tmp_path_factory.mktemp("eval") / "two.jsonl", 2)}
+
+
+@pytest.fixture(scope="module")
+def experiment_id(tracking_uri, tmp_path_factory) -> str:
+    """An experiment of its own, so that counting step runs counts only this flow's."""
+    return mlflow.create_experiment("main-flow", artifact_location=str(tmp_path_factory.mktemp("main-artifacts")))
+
+
+@pytest.fixture(scope="module")
+def run_main(project, experiment_id, tracking_uri) -> Callable[..., StepResult]:
+    def run(params: dict[str, str], **env: str) -> StepResult:
+        result = mlflow_run("main", params, tracking_uri, project=project, MLFLOW_EXPERIMENT_ID=experiment_id, **env)
+        # The step runs report their IDs first; `mlflow run` names the main run last.
+        return dataclasses.replace(result, run_id=re.findall(r"Run \(ID '([0-9a-f]+)'\)", result.stderr)[-1])
+
+    return run
+
+
+def _runs(experiment_id: str) -> list[mlflow.entities.Run]:
+    return mlflow.MlflowClient().search_runs([experiment_id], max_results=1000)
+
+
+def _step_runs(experiment_id: str) -> dict[str, mlflow.entities.Run]:
+    """Runs of the four steps (evaluate's own nested evaluation runs are not steps)."""
+    return {r.info.run_id: r for r in _runs(experiment_id) if r.data.tags.get("mlflow.project.entryPoint") in settings.MAIN_STEPS}
+
+
+def _steps_of(main_run_id: str) -> dict[str, str]:
+    """Entry point -> run ID, as the main run's tags name them."""
+    tags = mlflow.MlflowClient().get_run(main_run_id).data.tags
+    return {ep: tags[settings.TAG_STEP_RUN.format(ep)] for ep in settings.MAIN_STEPS if settings.TAG_STEP_RUN.format(ep) in tags}
+
+
+def _wait_for(what: str, found: Callable[[], object], timeout: float = 300) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := found():
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Background:
+    """`mlflow run <project> -e main` in its own process group, to be interrupted or killed."""
+
+    def __init__(self, project: Path, experiment_id: str, tracking_uri: str, log: Path, params: dict[str, str]):
+        self.experiment_id, self.log = experiment_id, log
+        cmd = [str(BIN / "mlflow"), "run", str(project), "-e", "main", "--env-manager", "local"]
+        for key, value in params.items():
+            cmd += ["-P", f"{key}={value}"]
+        self.started = time.time() * 1000
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=step_env(tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id), start_new_session=True)
+
+    def main_run_id(self) -> str:
+        def newest_main():
+            mains = [r for r in _runs(self.experiment_id) if r.data.tags.get("mlflow.project.entryPoint") == "main"
+                     and r.info.start_time >= self.started]
+            return mains[0].info.run_id if mains else None
+        return _wait_for("the main run", newest_main)
+
+    def wait_for_output(self, text: str) -> None:
+        _wait_for(f"'{text}' in the output of main", lambda: text in self.log.read_text())
+
+    def child(self, entry_point: str) -> mlflow.entities.Run:
+        main = self.main_run_id()
+        return _wait_for(f"a {entry_point} run of main", lambda: next(
+            (r for r in _runs(self.experiment_id) if r.data.tags.get("mlflow.parentRunId") == main
+             and r.data.tags.get("mlflow.project.entryPoint") == entry_point), None))
+
+    def signal(self, signum: int) -> None:
+        os.killpg(self.proc.pid, signum)
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def first_main(run_main, params) -> StepResult:
+    result = run_main(params)
+    assert_ok(result)
+    return result
+
+
+def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, experiment_id):
+    client = mlflow.MlflowClient()
+    main = client.get_run(first_main.run_id)
+    steps = _steps_of(first_main.run_id)
+    assert list(steps) == list(settings.MAIN_STEPS)
+    assert set(_step_runs(experiment_id)) == set(steps.values())  # nothing else ran
+    commit = _git(project, "rev-parse", "HEAD")
+    runs = {ep: client.get_run(run_id) for ep, run_id in steps.items()}
+    for ep, run in runs.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.project.entryPoint"] == ep
+        assert run.data.tags["mlflow.parentRunId"] == first_main.run_id
+        assert run.data.tags["mlflow.source.git.commit"] == commit
+        assert run.data.tags[settings.TAG_CODE_VERSION] == f"git:{commit}"
+        assert settings.TAG_CACHE_KEY in run.data.tags
+    # Each step is handed its upstream steps' run IDs.
+    assert runs["log_pipeline"].data.params["fetch_run_id"] == steps["fetch_model"]
+    assert runs["log_onnx_wrapper"].data.params["fetch_run_id"] == steps["fetch_model"]
+    assert runs["log_onnx_wrapper"].data.params["precision"] == "int4"
+    assert runs["evaluate"].data.params["pipeline_run_id"] == steps["log_pipeline"]
+    assert runs["evaluate"].data.params["onnx_run_id"] == steps["log_onnx_wrapper"]
+    # The caller's --env-manager (local: MLflow sets no mlflow.project.env tag) reached the steps.
+    assert main.data.tags[settings.TAG_ENV_MANAGER] == "local"
+    assert all("mlflow.project.env" not in run.data.tags for run in runs.values())
+    assert main.data.tags[settings.TAG_REVISION] == runs["fetch_model"].data.tags[settings.TAG_REVISION]
+    summary = mlflow.artifacts.load_dict(f"runs:/{first_main.run_id}/{settings.SUMMARY_FILE}")
+    assert [(s["entry_point"], s["run_id"], s["reused"]) for s in summary["steps"]] == [
+        (ep, steps[ep], False) for ep in settings.MAIN_STEPS
+    ]
+    assert f"main run {first_main.run_id}: 4 steps run, 0 reused" in first_main.stdout
+
+
+def test_force_reruns_steps_and_an_interrupted_step_ends_failed(first_main, params, project, experiment_id, tracking_uri, tmp_path):
+    before = _steps_of(first_main.run_id)
+    bg = Background(project, experiment_id, tracking_uri, tmp_path / "main.log", {**params, "force": "true"})
+    onnx = bg.child("log_onnx_wrapper")
+    bg.wait_for_output("converting to ONNX")  # the step is at work
+    bg.signal(signal.SIGTERM)  # what cron's timeout, systemd or `kill` send to the whole group
+    client = mlflow.MlflowClient()
+    main_id = bg.main_run_id()
+    status = _wait_for("main to end", lambda: client.get_run(main_id).info.status != "RUNNING" and client.get_run(main_id).info.status, 60)
+    assert status == "FAILED"
+    assert client.get_run(onnx.info.run_id).info.status in {"FAILED", "KILLED"}
+    assert [r.info.run_id for r in _runs(experiment_id) if r.info.status == "RUNNING"] == []
+    output = bg.log.read_text()
+    assert "error: interrupted" in output and "Traceback" not in output
+    # force=true ran fetch_model and log_pipeline again although FINISHED runs matched.
+    forced = _steps_of(main_id)
+    for ep in ("fetch_model", "log_pipeline"):
+        assert forced[ep] != before[ep]
+        assert client.get_run(forced[ep]).info.status == "FINISHED"
+    assert "log_onnx_wrapper" not in forced  # main names only the steps that finished
+
+
+def test_rerun_after_a_kill_reruns_the_killed_step_and_its_dependents_only(run_main, params, experiment_id):
+    client = mlflow.MlflowClient()
+    forced_main = next(r for r in _runs(experiment_id) if r.data.params.get("force") == "true")
+    forced = _steps_of(forced_main.info.run_id)
+    existing = set(_step_runs(experiment_id))
+    result = run_main(params)
+    assert_ok(result)
+    steps = _steps_of(result.run_id)
+    # The newest FINISHED fetch_model and log_pipeline runs (the forced ones) are reused ...
+    assert steps["fetch_model"] == forced["fetch_model"]
+    assert steps["log_pipeline"] == forced["log_pipeline"]
+    # ... the killed log_onnx_wrapper is not: it and evaluate, which depends on it, run again.
+    new = set(_step_runs(experiment_id)) - existing
+    assert new == {steps["log_onnx_wrapper"], steps["evaluate"]}
+    assert all(client.get_run(run_id).info.status == "FINISHED" for run_id in new)
+    assert f"main run {result.run_id}: 2 steps run, 2 reused" in result.stdout
+
+
+def test_changed_parameter_reruns_only_the_steps_that_use_it(run_main, params, experiment_id, tmp_path):
+    previous = _steps_of(next(r for r in _runs(experiment_id) if r.info.status == "FINISHED"
+                              and r.data.tags.get("mlflow.project.entryPoint") == "main").info.run_id)
+    existing = set(_step_runs(experiment_id))
+    result = run_main({**params, "eval_data": _eval_file(tmp_path / "one.jsonl", 1)})
+    assert_ok(result)
+    steps = _steps_of(result.run_id)
+    assert {ep: steps[ep] for ep in ("fetch_model", "log_pipeline", "log_onnx_wrapper")} == {
+        ep: previous[ep] for ep in ("fetch_model", "log_pipeline", "log_onnx_wrapper")
+    }
+    assert set(_step_runs(experiment_id)) - existing == {steps["evaluate"]}
+
+
+def test_dirty_tree_never_reuses_and_a_hard_kill_leaves_runs_running(project, params, experiment_id, tracking_uri, tmp_path):
+    readme = project / "README.md"
+    readme.write_text(readme.read_text() + "\nan uncommitted edit\n")
+    try:
+        bg = Background(project, experiment_id, tracking_uri, tmp_path / "main.log", params)
+        fetch = bg.child("fetch_model")  # a FINISHED fetch_model run with these params exists
+        bg.wait_for_output("[1/4] fetch_model: running (the project has uncommitted changes)")
+        bg.signal(signal.SIGKILL)  # a hard kill: nobody is left to end the runs
+    finally:
+        _git(project, "checkout", "README.md")
+    client = mlflow.MlflowClient()
+    assert client.get_run(bg.main_run_id()).info.status == "RUNNING"
+    assert client.get_run(fetch.info.run_id).info.status == "RUNNING"
+
+
+def test_scheduled_noop_rerun_reuses_every_step_in_seconds_and_ends_stale_runs(project, params, experiment_id, tracking_uri, tmp_path):
+    client = mlflow.MlflowClient()
+    stale = [r.info.run_id for r in _runs(experiment_id) if r.info.status == "RUNNING"]
+    assert len(stale) == 2  # the hard-killed main run and its fetch_model run
+    latest = next(r for r in _runs(experiment_id) if r.info.status == "FINISHED" and r.data.params.get("eval_data") == params["eval_data"]
+                  and r.data.tags.get("mlflow.project.entryPoint") == "main")
+    existing = set(_step_runs(experiment_id))
+    start = time.monotonic()
+    proc = _scheduled(project, tracking_uri, experiment_id, tmp_path, *(f"-P{k}={v}" for k, v in params.items()))
+    seconds = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    print(f"no-op scheduled rerun of main: {seconds:.1f} s")
+    assert seconds < 60  # a single step run of the tiny model alone takes longer than this
+    assert set(_step_runs(experiment_id)) == existing  # no step ran
+    log = Path(proc.stdout.split("output in ")[1].split()[0])
+    assert log.parent == tmp_path / "logs"
+    main_id = re.search(r"^main run ([0-9a-f]+): ", log.read_text(), re.MULTILINE).group(1)
+    assert _steps_of(main_id) == _steps_of(latest.info.run_id)
+    assert f"main run {main_id}: 0 steps run, 4 reused" in proc.stdout
+    for run_id in stale:
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED" and settings.TAG_STALE in run.data.tags
+
+
+def _scheduled(project: Path, tracking_uri: str, experiment_id: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = step_env(tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id, PHI3FLOW_LOG_DIR=str(tmp_path / "logs"))
+    return subprocess.run(["bash", str(project / "scripts" / "scheduled_run.sh"), *args], capture_output=True, text=True,
+                          env=env, timeout=900, stdin=subprocess.DEVNULL)
+
+
+def test_scheduled_run_refuses_to_overlap(project, experiment_id, tracking_uri, tmp_path):
+    (tmp_path / "logs").mkdir()
+    before = len(_runs(experiment_id))
+    with (tmp_path / "logs" / "scheduled_run.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a run in progress holds it
+        start = time.monotonic()
+        proc = _scheduled(project, tracking_uri, experiment_id, tmp_path, "-P", f"model_id={settings.BUILTIN_TINY}")
+    assert proc.returncode == 75
+    assert time.monotonic() - start < 5
+    assert proc.stderr.startswith("error: another scheduled run of main holds")
+    assert len(_runs(experiment_id)) == before
+
+
+def test_scheduled_run_propagates_failure(project, experiment_id, tracking_uri, tmp_path):
+    proc = _scheduled(project, tracking_uri, experiment_id, tmp_path, "-P", "model_id=/nonexistent/phi3")
+    assert proc.returncode != 0
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("error: main failed with exit status 1; output in ")
+    assert lines[1:] == ["error: local model folder '/nonexistent/phi3' does not exist"]
+    log = Path(lines[0].split("output in ")[1])
+    assert "Traceback" not in log.read_text()
+    failed = next(r for r in _runs(experiment_id) if r.data.params.get("model_id") == "/nonexistent/phi3")
+    assert failed.info.status == "FAILED"
+
+
+def test_code_version_outside_git_hashes_the_code_files(project, tmp_path):
+    from phi3flow.chain import code_version
+
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, ignore=shutil.ignore_patterns(".git"))
+    first = code_version(copy)
+    assert first.startswith("sha256:") and code_version(copy) == first
+    (copy / "README.md").write_text("documentation is not code\n")
+    assert code_version(copy) == first
+    (copy / "steps" / "main.py").write_text((copy / "steps" / "main.py").read_text() + "\n# changed\n")
+    assert code_version(copy) != first
+
+
+def test_a_new_revision_of_the_model_reruns_fetch_model(project, experiment_id, tiny_dir, tmp_path, monkeypatch):
+    """main keys fetch_model on the revision it resolves first: here a local folder's content hash."""
+    from phi3flow.chain import Chain, code_version
+    from phi3flow.fetch import resolve_revision
+
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")  # the steps' `python`
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+
+    def fetch(flow: Chain):
+        revision = resolve_revision(str(model), "main", tmp_path)
+        return flow.step("fetch_model", {"model_id": str(model), "revision": "main"}, input_tags={settings.TAG_REVISION: revision})
+
+    with mlflow.start_run(experiment_id=experiment_id):
+        flow = Chain(project, experiment_id, "local", code_version(project))
+        first, again = fetch(flow), fetch(flow)
+        config = model / "generation_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "max_length": 64}))
+        moved = fetch(flow)
+    assert (first.reused, again.reused, moved.reused) == (False, True, False)
+    assert again.run_id == first.run_id != moved.run_id
+    tags = [mlflow.MlflowClient().get_run(r.run_id).data.tags[settings.TAG_REVISION] for r in (first, moved)]
+    assert tags[0] != tags[1]
