@@ -202,8 +202,9 @@ def compare(onnx_dir: str, model_uri: str, url: str, messages: list[dict], new_t
         this_round = {key: paths[key]() for key in order[i % len(order):] + order[: i % len(order)]}
         this_round["read_gb_s"] = bandwidth()["read_gb_s"]
         rounds.append(this_round)
+        # decode_tok_s is None when a request-timed rate is lost in noise (the tiny model)
         _log(f"compare {i + 1}/{repeats}: " + ", ".join(
-            f"{k} {v['decode_tok_s']:.1f} tok/s" if isinstance(v, dict) else f"{k} {v:.1f}" for k, v in rounds[-1].items()))
+            f"{k} {v['decode_tok_s']} tok/s" if isinstance(v, dict) else f"{k} {v:.1f}" for k, v in rounds[-1].items()))
     return {"rounds": rounds}
 
 
