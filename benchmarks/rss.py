@@ -76,44 +76,76 @@ class Measurement:
         return (max((s[1] for s in inside), default=0), max((s[2] for s in inside), default=0))
 
 
+def tree_usage(pid: int) -> tuple[int, int, int, int]:
+    """Summed VmRSS, RssAnon, RssFile of pid and its descendants, and how many processes that is."""
+    rss = anon = file_ = 0
+    pids = descendants(pid)
+    for p in pids:
+        st = proc_status(p)
+        rss += st.get("VmRSS", 0)
+        anon += st.get("RssAnon", 0)
+        file_ += st.get("RssFile", 0)
+    return rss, anon, file_, len(pids)
+
+
+class TreeSampler:
+    """Samples the RSS of a process tree every `interval` s in a background thread.
+
+    Used for children that are not simply waited for (a model server), and by run_measured.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2, t_start: float | None = None) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.t_start = time.monotonic() if t_start is None else t_start
+        self.samples: list[tuple[float, int, int, int, int]] = []  # t, rss, anon, file, nproc
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            rss, anon, file_, n = tree_usage(self.pid)
+            if rss:
+                self.samples.append((time.monotonic() - self.t_start, rss, anon, file_, n))
+            self._done.wait(self.interval)
+
+    def start(self) -> "TreeSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def last(self) -> tuple[int, int]:
+        return (self.samples[-1][1], self.samples[-1][2]) if self.samples else (0, 0)
+
+    @property
+    def peak_rss(self) -> int:
+        return max((s[1] for s in self.samples), default=0)
+
+    @property
+    def peak_anon(self) -> int:
+        return max((s[2] for s in self.samples), default=0)
+
+
 def run_measured(cmd: list[str], *, cwd: Path | str | None = None, env: dict | None = None,
                  log_path: Path | None = None, interval: float = 0.2, echo: bool = True) -> Measurement:
     """Run cmd (stdout+stderr merged) and measure its memory; one child at a time."""
     t_start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
-    samples: list[tuple[float, int, int, int, int]] = []
+    sampler = TreeSampler(proc.pid, interval, t_start).start()
     lines: list[tuple[float, int, int, str]] = []
-    last = {"rss": 0, "anon": 0}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            rss = anon = file_ = 0
-            pids = descendants(proc.pid)
-            for pid in pids:
-                st = proc_status(pid)
-                rss += st.get("VmRSS", 0)
-                anon += st.get("RssAnon", 0)
-                file_ += st.get("RssFile", 0)
-            if rss:
-                samples.append((time.monotonic() - t_start, rss, anon, file_, len(pids)))
-                last["rss"], last["anon"] = rss, anon
-            done.wait(interval)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     log = open(log_path, "w") if log_path else None
     assert proc.stdout is not None
     for text in proc.stdout:
         t = time.monotonic() - t_start
         # the RSS at this moment, not the last (up to `interval` old) sample
-        rss = anon = 0
-        for pid in descendants(proc.pid):
-            st = proc_status(pid)
-            rss += st.get("VmRSS", 0)
-            anon += st.get("RssAnon", 0)
-        lines.append((t, rss or last["rss"], anon or last["anon"], text.rstrip("\n")))
+        rss, anon, _, _ = tree_usage(proc.pid)
+        last_rss, last_anon = sampler.last
+        lines.append((t, rss or last_rss, anon or last_anon, text.rstrip("\n")))
         if log:
             log.write(f"[{t:8.2f}s rss={rss / 1e9:6.2f}GB anon={anon / 1e9:6.2f}GB] {text}")
             log.flush()
@@ -121,8 +153,7 @@ def run_measured(cmd: list[str], *, cwd: Path | str | None = None, env: dict | N
             print(f"    [{t:7.1f}s rss {rss / 1e9:5.2f} GB] {text.rstrip()}", flush=True)
     _, status, rusage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - t_start
-    done.set()
-    sampler.join()
+    sampler.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if log:
         log.close()
@@ -131,9 +162,9 @@ def run_measured(cmd: list[str], *, cwd: Path | str | None = None, env: dict | N
         returncode=proc.returncode,
         wall_s=wall,
         ru_maxrss_bytes=rusage.ru_maxrss * 1024,  # Linux reports KiB
-        sampled_peak_tree_rss=max((s[1] for s in samples), default=0),
-        sampled_peak_tree_anon=max((s[2] for s in samples), default=0),
-        samples=samples,
+        sampled_peak_tree_rss=sampler.peak_rss,
+        sampled_peak_tree_anon=sampler.peak_anon,
+        samples=sampler.samples,
         lines=lines,
         output="\n".join(line[3] for line in lines),
     )

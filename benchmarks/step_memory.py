@@ -11,8 +11,8 @@ Requirement checked: log_pipeline's peak RSS <= 1.5 x the weight bytes.
 Everything it writes (model, tracking store, artifacts, logs) goes under --workdir
 (default /tmp/bench); the children run with cwd there and PYTHONPATH=<repo>.
 
-    /work/venv/bin/python benchmarks/step_memory.py                        # 4 layers, float32
-    /work/venv/bin/python benchmarks/step_memory.py --dtype bfloat16 --steps log_pipeline
+    python benchmarks/step_memory.py                        # 4 layers, float32
+    python benchmarks/step_memory.py --dtype bfloat16 --steps log_pipeline
 """
 
 from __future__ import annotations
