@@ -32,13 +32,9 @@ import json
 import os
 import platform
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +44,7 @@ sys.path.insert(0, str(HERE))
 
 from probe import WARMUP_TOKENS, http_asker, median_of, requested  # noqa: E402
 from rss import TreeSampler, run_measured  # noqa: E402
+from phi3flow import local_server  # noqa: E402
 from step_memory import LIMIT, child_env, ensure_experiment, measure_step, run_id_from  # noqa: E402
 
 # Targets the numbers are reported against (never assumed met).
@@ -170,47 +167,27 @@ def run_probe(name: str, args_: list[str], workdir: Path, env: dict) -> dict:
     return result
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(model_uri: str, workers: int, workdir: Path, env: dict) -> Iterator[tuple[str, float, TreeSampler]]:
     """`mlflow models serve` of the model: yields its URL, the seconds until /ping answered, and
     the sampler of its process tree's RSS (the CLI, uvicorn and its workers); stops it after."""
-    port = free_port()
+    port = local_server.free_port()
     cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
-    log = open(workdir / "logs" / "served.log", "w")
+    log = workdir / "logs" / "served.log"
     t0 = time.monotonic()
-    # Its own session, so stopping it stops its worker processes too.
-    server = subprocess.Popen(cmd, cwd=workdir / "cwd", env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    sampler = TreeSampler(server.pid).start()
+    server = local_server.spawn(cmd, log, cwd=workdir / "cwd", env=env)
+    sampler = TreeSampler(server.pid).start()  # from the start: loading is part of its peak RSS
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"mlflow models serve exited with {server.returncode}; see {workdir / 'logs' / 'served.log'}")
-            if time.monotonic() - t0 > SERVER_START_TIMEOUT_S:
-                raise SystemExit("mlflow models serve did not answer /ping in time")
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.25)
+        try:
+            local_server.wait_until_up(server, f"{url}/ping", log, SERVER_START_TIMEOUT_S)
+        except local_server.ServerFailed as exc:
+            raise SystemExit(str(exc)) from None
         yield url, time.monotonic() - t0, sampler
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        local_server.stop(server)
         sampler.stop()
-        log.close()
 
 
 def served(url: str, load_s: float, sampler: TreeSampler, messages: list[dict], new_tokens: int, repeats: int) -> dict:

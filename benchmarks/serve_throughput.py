@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +30,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
+
+from phi3flow import local_server  # noqa: E402
+
 BIN = Path(sys.executable).parent
 GOAL = 2.5
 
@@ -75,42 +76,17 @@ def log_model(onnx_dir: Path, workdir: Path) -> tuple[str, str]:
     return tracking_uri, info.model_uri
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(model_uri: str, tracking_uri: str, workdir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    port = local_server.free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, HF_HUB_OFFLINE="1")
-    log = open(workdir / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=workdir, start_new_session=True,
-    )
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"]
+    proc = local_server.spawn(cmd, workdir / "server.log", cwd=workdir, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited; see {workdir / 'server.log'}")
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return proc, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    raise SystemExit("the server did not come up in 300 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        local_server.wait_until_up(proc, f"{url}/ping", workdir / "server.log", timeout_s=300)
+    except local_server.ServerFailed as exc:
+        raise SystemExit(str(exc)) from None
+    return proc, url
 
 
 def load(url: str, clients: int, rounds: int, max_tokens: int) -> dict:
@@ -166,7 +142,7 @@ def main() -> None:
             print(f"{clients:2d} clients: {s['requests']:4d} requests, {s['tokens']:6d} tokens, {rate:7.1f} tok/s, "
                   f"mean latency {s['latency'] / max(1, s['requests']):.2f} s, errors {s['errors']}", flush=True)
     finally:
-        stop(proc)
+        local_server.stop(proc, grace_s=15)
     base = rows[0][2]
     print(f"\nmodel: {onnx_dir.name}, greedy, max_tokens={args.max_tokens}, {args.rounds} requests per client, {os.cpu_count()} CPUs")
     print("| clients | tokens/s | speed-up |\n|---|---|---|")

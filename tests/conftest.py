@@ -58,6 +58,15 @@ def assert_ok(result: StepResult) -> str:
     return result.run_id
 
 
+def assert_failed_with(result: StepResult, message: str) -> None:
+    """A user mistake: non-zero exit, exactly one `error:` line holding message, no traceback, a FAILED run."""
+    assert result.returncode != 0
+    assert len(result.error_lines) == 1, result.stderr
+    assert message in result.error_lines[0]
+    assert "Traceback" not in result.stderr
+    assert mlflow.MlflowClient().get_run(result.run_id).info.status == "FAILED"
+
+
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("tracking")

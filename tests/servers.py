@@ -5,12 +5,8 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,19 +15,10 @@ import psycopg2
 import pytest
 
 from conftest import BIN
+from phi3flow import local_server
 
 POSTGRES_INSTALL = "apt-get update && apt-get install -y postgresql"
 START_TIMEOUT_S = 180  # a server on a busy 2-core machine takes 15-30 s to answer /health
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
 class MlflowServer:
@@ -45,7 +32,7 @@ class MlflowServer:
         self.backend_store_uri = backend_store_uri
         self.artifacts = root / "artifacts"
         self.log = root / "server.log"
-        self.port = free_port()
+        self.port = local_server.free_port()
         self.extra_args = list(extra_args)
         self.env = {
             **os.environ,
@@ -67,35 +54,16 @@ class MlflowServer:
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
             *self.extra_args,
         ]
-        with self.log.open("ab") as log:
-            # Own process group: stop() ends the server and the uvicorn worker it forks.
-            self.proc = subprocess.Popen(
-                cmd, cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with status {self.proc.returncode}:\n{_tail(self.log)}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"mlflow server did not answer /health within {START_TIMEOUT_S} s:\n{_tail(self.log)}")
+        self.proc = local_server.spawn(cmd, self.log, cwd=self.root, env=self.env)
+        try:
+            local_server.wait_until_up(self.proc, f"{self.url}/health", self.log, START_TIMEOUT_S)
+        except local_server.ServerFailed as exc:
+            pytest.fail(str(exc))
+        return self
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        if self.proc is not None:
+            local_server.stop(self.proc)
 
     def __enter__(self) -> MlflowServer:
         return self.start()
@@ -122,14 +90,14 @@ def postgres() -> Iterator[str]:
     root = Path(tempfile.mkdtemp(prefix="phi3flow-postgres-"))
     if as_owner:
         shutil.chown(root, "postgres")
-    data, log, port = root / "data", root / "postgres.log", free_port()
+    data, log, port = root / "data", root / "postgres.log", local_server.free_port()
     try:
         subprocess.run([*as_owner, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
                        check=True, capture_output=True, timeout=120)
         options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
         started = subprocess.run([*as_owner, pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start"],
                                  capture_output=True, text=True, timeout=120)
-        assert started.returncode == 0, f"pg_ctl start failed:\n{started.stderr}\n{_tail(log)}"
+        assert started.returncode == 0, f"pg_ctl start failed:\n{started.stderr}\n{log.read_text(errors='replace')[-3000:] if log.exists() else ''}"
         try:
             conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
             conn.autocommit = True  # CREATE DATABASE cannot run in a transaction

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow.exceptions import MlflowException
 
-from conftest import assert_ok, in_fresh_process, mlflow_run, model_uri_of
+from conftest import assert_failed_with, assert_ok, in_fresh_process, mlflow_run, model_uri_of
 from phi3flow import settings
 
 SEED = {"messages": [{"role": "user", "content": settings.SEED_QUESTION}]}
@@ -151,7 +151,4 @@ def test_non_string_content_is_refused(onnx_fp32_model):
 )
 def test_bad_step_input_fails_with_one_line(params, message, fetch_run_id, tracking_uri):
     result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, **params}, tracking_uri, timeout=300)
-    assert result.returncode != 0
-    assert len(result.error_lines) == 1, result.stderr
-    assert message in result.error_lines[0]
-    assert mlflow.MlflowClient().get_run(result.run_id).info.status == "FAILED"
+    assert_failed_with(result, message)

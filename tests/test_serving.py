@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ import pytest
 import requests
 
 from conftest import BIN, assert_ok, mlflow_run, model_uri_of, step_env
-from phi3flow import settings
+from phi3flow import local_server, settings
 
 SEED_CHAT = {"messages": [{"role": "user", "content": settings.SEED_QUESTION}]}
 SHORT = {**SEED_CHAT, "max_tokens": 8}  # the valid request sent after every bad one
@@ -56,43 +54,22 @@ class Server:
         return total
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def served(model_uri: str, tracking_uri: str, workdir: Path, *extra: str) -> Iterator[Server]:
     """`mlflow models serve` on a free port; stopped (its whole session) however the test ends."""
-    port = _free_port()
+    port = local_server.free_port()
     log = workdir / "server.log"
     cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local", *extra]
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
-            env=step_env(tracking_uri, HF_HUB_OFFLINE="1"), start_new_session=True,
-        )
+    process = local_server.spawn(cmd, log, cwd=workdir, env=step_env(tracking_uri, HF_HUB_OFFLINE="1"))
     server = Server(f"http://127.0.0.1:{port}", process, log)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, f"server exited:\n{log.read_text()[-5000:]}"
-            assert time.monotonic() < deadline, f"server not up after 180 s:\n{log.read_text()[-5000:]}"
-            try:
-                if requests.get(f"{server.url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
+        try:
+            local_server.wait_until_up(process, f"{server.url}/ping", log, timeout_s=180)
+        except local_server.ServerFailed as exc:
+            pytest.fail(str(exc))
         yield server
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        local_server.stop(process, grace_s=15)
 
 
 def _champion(model_uri: str, name: str) -> str:
