@@ -288,7 +288,7 @@ def markdown(report: dict) -> str:
     load = report["loadavg"]
     lines = [
         f"Machine: {m['cpu']}, {m['nproc']} CPUs, {m['mem_total_bytes'] / GB:.1f} GB RAM; load average "
-        f"{load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end (shared machine: other work ran too). "
+        f"{load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end (1-minute averages, the benchmark's own processes included). "
         f"{report['time']}.",
         f"Model: Phi-3-mini-shaped, {model['num_layers']} layers, {model['weight_bytes'] / GB:.2f} GB of float32 weights; "
         f"prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new tokens, median of {report['repeats']}.",
