@@ -61,8 +61,3 @@ def _auth_refusal(exc: BaseException | None) -> MlflowException | None:
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
-
-
-def not_implemented(entry_point: str) -> None:
-    print(f"error: entry point '{entry_point}' is not implemented yet", file=sys.stderr)
-    sys.exit(2)

@@ -57,13 +57,6 @@ SERVE_MAX_BATCH_TOKENS = 8192
 # How long a new batch waits for the clients of the previous one to come back (milliseconds)
 SERVE_BATCH_GATHER_MS = 50
 
-
-def pinned(*distributions: str) -> list[str]:
-    """`name==version` of installed distributions: the explicit pip requirements of a logged model."""
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name)}" for name in distributions]
-
 # evaluate
 BUNDLED_EVAL_DATA = "bundled"  # the eval_data value that means data/eval_bundled.jsonl
 BUNDLED_EVAL_FILE = "data/eval_bundled.jsonl"  # relative to the project root
@@ -100,3 +93,10 @@ SUMMARY_FILE = "summary.json"
 # What the steps' results depend on when the project is not a git checkout: hashed for the cache.
 CODE_FILES = ("MLproject", "python_env.yaml", "conda.yaml", "pyproject.toml")
 CODE_DIRS = ("steps", "phi3flow", "data")
+
+
+def pinned(*distributions: str) -> list[str]:
+    """`name==version` of installed distributions: the explicit pip requirements of a logged model."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in distributions]
