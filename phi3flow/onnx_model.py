@@ -13,6 +13,7 @@ from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 from phi3flow import settings
 from phi3flow.errors import UserError
 from phi3flow.onnx_convert import convert
+from phi3flow.threads import parse_threads, write_session_options
 
 INTERFACES = ("chat", "prompt")
 PYFUNC_FILE = Path(__file__).with_name("onnx_pyfunc.py")
@@ -46,8 +47,11 @@ def check_interface(interface: str) -> None:
         raise UserError(f"interface must be one of {', '.join(INTERFACES)}, not '{interface}'")
 
 
-def log_onnx_model(onnx_dir: Path, interface: str, model_name: str, registered_model_name: str | None = None) -> ModelInfo:
+def log_onnx_model(onnx_dir: Path, interface: str, model_name: str, registered_model_name: str | None = None, threads: str = settings.ONNX_THREADS_AUTO) -> ModelInfo:
     check_interface(interface)
+    # Written into the folder too, so it uses the cores it is given without the pyfunc as well.
+    thread_count = parse_threads(threads)
+    write_session_options(onnx_dir, {"intra_op_num_threads": thread_count})
     signature, example = signature_and_example(interface)
     return mlflow.pyfunc.log_model(
         name=settings.ONNX_MODEL_NAME,
@@ -60,6 +64,8 @@ def log_onnx_model(onnx_dir: Path, interface: str, model_name: str, registered_m
             "max_batch_size": settings.SERVE_MAX_BATCH_SIZE,
             "max_batch_tokens": settings.SERVE_MAX_BATCH_TOKENS,
             "batch_gather_ms": settings.SERVE_BATCH_GATHER_MS,
+            "threads": str(thread_count or settings.ONNX_THREADS_AUTO),  # resolved again at load time
+            "threads_env": settings.ONNX_THREADS_ENV,
         },
         signature=signature,
         input_example=example,

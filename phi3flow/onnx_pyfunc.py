@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import threading
 import time
@@ -294,6 +295,39 @@ class Batcher:
                 row.fail(RuntimeError(f"generation ended after {row.completion.completion_tokens} tokens"))
 
 
+def _available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota.
+
+    os.cpu_count() is the host's count: a container limited to 2 CPUs of a 64-core host would run
+    64 threads on 2 CPUs' worth of time. (os.process_cpu_count needs Python 3.13.)
+    """
+    cpus = len(os.sched_getaffinity(0))
+    quota_files = (
+        ("/sys/fs/cgroup/cpu.max", None),  # cgroup v2: "<quota> <period>" or "max <period>"
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),  # v1; -1: none
+    )
+    for quota_file, period_file in quota_files:
+        try:
+            fields = Path(quota_file).read_text().split()
+            quota, period = fields[0], fields[1] if period_file is None else Path(period_file).read_text().strip()
+        except (OSError, IndexError):
+            continue
+        if quota not in ("max", "-1"):
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+        break
+    return cpus
+
+
+def _number_of_threads(value: str, threads_env: str) -> int:
+    if not value.strip().isdigit() or int(value) < 1:
+        raise MlflowException(
+            f"threads must be 'auto' or a positive whole number, not '{value}'"
+            f" (model_config 'threads' or the environment variable {threads_env})",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    return int(value)
+
+
 class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         config = dict(context.model_config or {})
@@ -302,8 +336,16 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
         self.default_max_tokens = int(config.get("max_tokens", 256))
         self.default_temperature = float(config.get("temperature", 0.0))
         folder = Path(context.artifacts["onnx"])
+        # Threads: the environment variable, else model_config (as logged, or overridden at load
+        # time); "auto" counts the CPUs this process may run on. Without a count onnxruntime-genai
+        # 0.18 decodes on one core.
+        threads_env = config.get("threads_env", "PHI3_ONNX_THREADS")
+        threads = os.environ.get(threads_env) or str(config.get("threads", "auto"))
+        self.threads = _available_cpus() if threads.strip() == "auto" else _number_of_threads(threads, threads_env)
+        og_config = og.Config(str(folder))
+        og_config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}}))
         # Loaded once and shared: the batcher thread runs every generation on it.
-        self.model = og.Model(str(folder))
+        self.model = og.Model(og_config)
         self.tokenizer = og.Tokenizer(self.model)
         genai = json.loads((folder / "genai_config.json").read_text())
         self.context_length = int(genai["model"]["context_length"])

@@ -57,6 +57,14 @@ SERVE_MAX_BATCH_TOKENS = 8192
 # How long a new batch waits for the clients of the previous one to come back (milliseconds)
 SERVE_BATCH_GATHER_MS = 50
 
+# Threads of the ONNX model's onnxruntime session (log_onnx_wrapper's `threads`). "auto": the CPUs
+# the loading process may run on (affinity and cgroup quota). Fewer suit a shared machine or
+# several replicas per host. At load time, model_config {"threads": ...} and then the environment
+# variable override the logged value.
+ONNX_THREADS_AUTO = "auto"
+ONNX_THREADS_ENV = "PHI3_ONNX_THREADS"
+TAG_ONNX_THREADS = "phi3.onnx_threads"  # the logged value: "auto" or a number
+
 # evaluate
 BUNDLED_EVAL_DATA = "bundled"  # the eval_data value that means data/eval_bundled.jsonl
 BUNDLED_EVAL_FILE = "data/eval_bundled.jsonl"  # relative to the project root

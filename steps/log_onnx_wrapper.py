@@ -12,6 +12,7 @@ from phi3flow import onnx_model, settings
 from phi3flow.artifacts import download_fetched_model
 from phi3flow.errors import run_step
 from phi3flow.onnx_convert import EXECUTION_PROVIDERS, PRECISIONS, check_options
+from phi3flow.threads import parse_threads
 
 
 @click.command()
@@ -20,15 +21,19 @@ from phi3flow.onnx_convert import EXECUTION_PROVIDERS, PRECISIONS, check_options
 @click.option("--execution-provider", default="cpu", show_default=True, help=f"One of {', '.join(EXECUTION_PROVIDERS)}.")
 @click.option("--interface", default="chat", show_default=True, help=f"One of {', '.join(onnx_model.INTERFACES)}.")
 @click.option("--registered-model-name", default="", help="Also register the model under this name.")
-def main(fetch_run_id: str, precision: str, execution_provider: str, interface: str, registered_model_name: str) -> None:
+@click.option("--threads", default=settings.ONNX_THREADS_AUTO, show_default=True,
+              help="onnxruntime threads: 'auto' (the CPUs the loading process may run on) or a number.")
+def main(fetch_run_id: str, precision: str, execution_provider: str, interface: str, registered_model_name: str, threads: str) -> None:
     with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
         check_options(precision, execution_provider)
         onnx_model.check_interface(interface)
+        parse_threads(threads)  # a bad value fails before the download and conversion
+        mlflow.set_tag(settings.TAG_ONNX_THREADS, threads.strip())
         fetched = download_fetched_model(fetch_run_id, Path(tmp) / "fetched")
         mlflow.set_tags(fetched.lineage_tags)
         onnx_dir, converted = onnx_model.onnx_folder(fetched.path, Path(tmp), precision, execution_provider)
         mlflow.set_tag(settings.TAG_ONNX_SOURCE, "converted" if converted else "as-fetched")
-        info = onnx_model.log_onnx_model(onnx_dir, interface, fetched.model_id, registered_model_name or None)
+        info = onnx_model.log_onnx_model(onnx_dir, interface, fetched.model_id, registered_model_name or None, threads)
         print(f"log_onnx_wrapper run {run.info.run_id}: {info.model_uri}", flush=True)
 
 
