@@ -96,3 +96,9 @@ def test_bad_thread_count_is_refused_before_any_work(value, tracking_uri):
     result = CliRunner().invoke(log_onnx_wrapper.main, ["--fetch-run-id", "no-such-run", "--threads", value])
     assert isinstance(result.exception, UserError)  # not the missing fetch run: checked first
     assert str(result.exception) == f"threads must be 'auto' or a positive whole number, not '{value}'"
+
+
+def test_thread_setting_is_recorded_on_the_run(tracking_uri):
+    result = CliRunner().invoke(log_onnx_wrapper.main, ["--fetch-run-id", "no-such-run", "--threads", "2"])
+    assert result.exception is not None  # the missing fetch run, after the setting was recorded
+    assert mlflow.last_active_run().data.tags[settings.TAG_ONNX_THREADS] == "2"
