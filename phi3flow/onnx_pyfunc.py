@@ -18,6 +18,9 @@ cost little more than one: aggregate tokens/s grows with the number of concurren
 Greedy answers are the same in a batch as alone (padding is masked), stop sequences, `max_tokens`
 and streaming stay per request, and requests with different sampling options go to different
 batches (onnxruntime-genai takes one set of search options per generator).
+LongRoPE models (Phi-3.5-mini, Phi-4-mini) answer as transformers does when a sequence passes
+`original_max_position_embeddings`: it is re-read in a new generator with the long factors (see
+`Batcher._generate`).
 
 Under `mlflow models serve`, a request still generating when the server's request timeout
 (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT) is about to expire is stopped with a clear 504 error, so
