@@ -80,9 +80,10 @@ def resolve_revision(model_id: str, revision: str, workdir: Path) -> str:
 def _local_source(model_id: str, revision: str, workdir: Path) -> Source | None:
     """The builtin model or an existing local folder; None for a valid Hub id; UserError otherwise."""
     if model_id.startswith("builtin:"):
-        if model_id != settings.BUILTIN_TINY:
-            raise UserError(f"unknown builtin model '{model_id}'; the only one is '{settings.BUILTIN_TINY}'")
-        path = tiny.build(workdir / "tiny-phi3")
+        name = model_id.removeprefix("builtin:")
+        if name not in tiny.FAMILY:
+            raise UserError(f"unknown builtin model '{model_id}'; the builtins are {', '.join(settings.BUILTINS)}")
+        path = tiny.build(workdir / name, name)
         return Source(path, model_id, revision, content_hash(manifest_of(path)))
 
     local = Path(os.path.expanduser(model_id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -31,8 +32,53 @@ def convert(src: Path, out: Path, precision: str = "int4", execution_provider: s
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     extra = [f"{k}={v}" for k, v in INT4_OPTIONS.items()] if precision == "int4" else []
+    window = sliding_window(src)
+    if window is not None:
+        extra.append("windowed_kv_cache=false")
     cache = out.parent / f"{out.name}.builder-cache"
     options = parse_extra_options(None, str(src), str(out), precision, execution_provider, str(cache), extra)
     create_model(None, str(src), str(out), precision, execution_provider, str(cache), **options)
     shutil.rmtree(cache, ignore_errors=True)
+    if window is not None:
+        apply_sliding_window(out / "model.onnx", window)
+    # The checkpoint's config travels with the ONNX files: the pyfunc reads LongRoPE's switch point
+    # (original_max_position_embeddings) from it, which genai_config.json cannot hold (its parser
+    # refuses unknown keys).
+    shutil.copyfile(src / "config.json", out / "config.json")
     return out
+
+
+def sliding_window(src: Path) -> int | None:
+    """The checkpoint's attention window when it is shorter than its context, else None.
+
+    Phi-3-mini-4k and Phi-3-medium-4k attend to the last 2047 positions of a 4096 context; the
+    LongRoPE models name a window twice their context, which never applies.
+    """
+    config = json.loads((src / "config.json").read_text())
+    window = config.get("sliding_window")
+    if window is None or window >= config["max_position_embeddings"]:
+        return None
+    return int(window)
+
+
+def apply_sliding_window(model_file: Path, window: int) -> None:
+    """Make every GroupQueryAttention node attend to the last `window` positions, as transformers does.
+
+    Why this post-processing: with its default windowed KV cache the builder (onnxruntime-genai
+    0.18) sizes the cache to the window while the attention still sees the whole sequence, so
+    every request past about window + 16 tokens fails inside GroupQueryAttention (onnxruntime-genai
+    issue 2603). `windowed_kv_cache=false` keeps a full-length cache but then also drops the
+    window from the graph (local_window_size=-1), so answers past the window differ from
+    transformers'. Restoring local_window_size on the full-length cache gives transformers' window
+    (measured token for token on prompts and answers past it).
+    """
+    import onnx
+
+    # The weights stay in model.onnx.data: only the graph is read and rewritten.
+    model = onnx.load(str(model_file), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            for attribute in node.attribute:
+                if attribute.name == "local_window_size":
+                    attribute.i = window
+    onnx.save(model, str(model_file))

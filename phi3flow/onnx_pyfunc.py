@@ -18,6 +18,9 @@ cost little more than one: aggregate tokens/s grows with the number of concurren
 Greedy answers are the same in a batch as alone (padding is masked), stop sequences, `max_tokens`
 and streaming stay per request, and requests with different sampling options go to different
 batches (onnxruntime-genai takes one set of search options per generator).
+LongRoPE models (Phi-3.5-mini, Phi-4-mini) answer as transformers does when a sequence passes
+`original_max_position_embeddings`: it is re-read in a new generator with the long factors (see
+`Batcher._generate`).
 
 Under `mlflow models serve`, a request still generating when the server's request timeout
 (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT) is about to expire is stopped with a clear 504 error, so
@@ -144,6 +147,7 @@ class Row:
     def __init__(self, job: Job, stream: og.TokenizerStream, eos: set[int]) -> None:
         self.job, self.stream, self.eos = job, stream, eos
         self.completion = Completion("", len(job.ids), 0, "length")
+        self.tokens: list[int] = []  # the answer so far, to re-read prompt + answer in a new pass
         self.done = False
 
     def _emit(self, piece: str, final: bool) -> None:
@@ -172,6 +176,7 @@ class Row:
     def take(self, token: int) -> None:
         done, decoding = self.completion, self.job.decoding
         done.completion_tokens += 1
+        self.tokens.append(token)
         piece = self.stream.decode(token)
         if not done.text:
             piece = piece.lstrip()  # sentencepiece's leading space, stripped as MLflow does
@@ -189,14 +194,29 @@ class Row:
             self._emit(piece, token in self.eos or done.completion_tokens == decoding.max_tokens)
 
 
+def long_rope_switch(folder: Path) -> int | None:
+    """A LongRoPE model's original_max_position_embeddings, from the checkpoint's config.json kept
+    beside the ONNX files (genai_config.json has no place for it); None for other models."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if (scaling.get("type") or scaling.get("rope_type")) not in ("longrope", "su"):
+        return None
+    return int(config.get("original_max_position_embeddings") or scaling["original_max_position_embeddings"])
+
+
 class Batcher:
     """Runs every generation on its own thread, batching the jobs that wait for it."""
 
     def __init__(
         self, model: og.Model, tokenizer: og.Tokenizer, genai_config: dict,
-        max_batch_size: int, max_batch_tokens: int, gather_s: float,
+        max_batch_size: int, max_batch_tokens: int, gather_s: float, rope_switch: int | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        # LongRoPE's original_max_position_embeddings (None without LongRoPE): see `_generate`.
+        self.rope_switch = rope_switch
         config = genai_config["model"]
         eos = config["eos_token_id"]
         self.eos = set(eos) if isinstance(eos, list) else {eos}
@@ -258,41 +278,86 @@ class Batcher:
         now = time.monotonic()
         for row in rows:
             row.check_deadline(now)  # waited too long for its turn, or its client left
-        rows = [row for row in rows if not row.done]
-        if not rows:
-            return
-        width = max(len(row.job.ids) for row in rows)
+        passes = [Pass(self, group) for group in self._regimes([row for row in rows if not row.done])]
+        # The passes of one batch take turns token by token, so every row keeps streaming.
+        while passes:
+            for current in list(passes):
+                if current.crossing():
+                    # LongRoPE: transformers recomputes the whole sequence with the long factors
+                    # once it is longer than original_max_position_embeddings. A generator keeps
+                    # the keys it computed with the short ones, so the rows that cross re-read
+                    # prompt + answer in a new pass, and so do the others: the runtime picks the
+                    # factors for a whole batch from its padded length.
+                    passes.remove(current)
+                    passes += [Pass(self, group) for group in self._regimes(current.live_rows())]
+                elif not current.step():
+                    passes.remove(current)
+        # Rows that ended early (stop sequence, their own max_tokens) ride along until their pass
+        # ends; a pass stops as soon as every row in it is done.
+        for row in rows:
+            if not row.done:
+                row.fail(RuntimeError(f"generation ended after {row.completion.completion_tokens} tokens"))
+
+    def _regimes(self, rows: list[Row]) -> list[list[Row]]:
+        """Rows grouped so that one set of rotary factors is right for all: at most two groups."""
+        if self.rope_switch is None:
+            return [rows] if rows else []
+        long = [row for row in rows if len(row.job.ids) + len(row.tokens) > self.rope_switch]
+        short = [row for row in rows if row not in long]
+        return [group for group in (short, long) if group]
+
+
+class Pass:
+    """One onnxruntime-genai generator over some rows of a batch, fed each row's prompt + answer so far."""
+
+    def __init__(self, batcher: Batcher, rows: list[Row]) -> None:
+        self.batcher, self.rows = batcher, rows
+        sequences = [row.job.ids + row.tokens for row in rows]
+        self.width = max(len(ids) for ids in sequences)
+        self.steps = 0  # tokens generated in this pass
         # Prompts padded on the right with the pad token, as `Tokenizer.encode_batch` does;
         # onnxruntime-genai masks the padding, so each row decodes as it would alone.
-        ids = np.full((len(rows), width), self.pad, dtype=np.int32)
-        for i, row in enumerate(rows):
-            ids[i, : len(row.job.ids)] = row.job.ids
+        ids = np.full((len(rows), self.width), batcher.pad, dtype=np.int32)
+        for i, sequence in enumerate(sequences):
+            ids[i, : len(sequence)] = sequence
         decoding = rows[0].job.decoding
+        left = max(row.job.decoding.max_tokens - row.completion.completion_tokens for row in rows)
         search: dict[str, Any] = {
             "batch_size": len(rows),
-            "max_length": width + max(row.job.decoding.max_tokens for row in rows),
+            "max_length": self.width + left,
             "do_sample": decoding.temperature > 0,
         }
         if decoding.temperature > 0:
             search.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
-        params = og.GeneratorParams(self.model)
+        params = og.GeneratorParams(batcher.model)
         params.set_search_options(**search)
-        generator = og.Generator(self.model, params)
-        generator.append_tokens(ids)
-        while not all(row.done for row in rows) and not generator.is_done():
-            generator.generate_next_token()
-            tokens = generator.get_next_tokens()
-            now = time.monotonic()
-            for row, token in zip(rows, tokens):
-                if not row.done:
-                    row.take(int(token))
-                if not row.done:
-                    row.check_deadline(now)
-        # Rows that ended early (stop sequence, their own max_tokens) ride along until the batch
-        # ends; the loop stops as soon as every row is done.
-        for row in rows:
+        self.generator = og.Generator(batcher.model, params)
+        self.generator.append_tokens(ids)
+
+    def live_rows(self) -> list[Row]:
+        return [row for row in self.rows if not row.done]
+
+    def crossing(self) -> bool:
+        """Whether the next step would run past the LongRoPE switch with short-factor keys cached."""
+        switch = self.batcher.rope_switch
+        # The first step only picks from the prompt's logits; each later step runs the model on a
+        # sequence of width + steps positions, and the runtime switches factors above `switch`.
+        return switch is not None and self.width <= switch < self.width + self.steps and bool(self.live_rows())
+
+    def step(self) -> bool:
+        """Generate one token for every row; False when the pass is over."""
+        if all(row.done for row in self.rows) or self.generator.is_done():
+            return False
+        self.generator.generate_next_token()
+        self.steps += 1
+        tokens = self.generator.get_next_tokens()
+        now = time.monotonic()
+        for row, token in zip(self.rows, tokens):
             if not row.done:
-                row.fail(RuntimeError(f"generation ended after {row.completion.completion_tokens} tokens"))
+                row.take(int(token))
+            if not row.done:
+                row.check_deadline(now)
+        return True
 
 
 def _available_cpus() -> int:
@@ -354,6 +419,7 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
             max_batch_size=int(config.get("max_batch_size", 8)),
             max_batch_tokens=int(config.get("max_batch_tokens", 8192)),
             gather_s=float(config.get("batch_gather_ms", 50)) / 1000,
+            rope_switch=long_rope_switch(folder),
         )
 
     # ---- request parsing -------------------------------------------------------------------

@@ -6,6 +6,8 @@ from __future__ import annotations
 DEFAULT_MODEL_ID = "microsoft/Phi-3-mini-4k-instruct"
 DEFAULT_REVISION = "main"
 BUILTIN_TINY = "builtin:tiny-phi3"
+# The embedded family (phi3flow/tiny.py): one tiny model per configuration class of the real models.
+BUILTINS = ("builtin:tiny-phi3", "builtin:tiny-phi3-medium", "builtin:tiny-phi3.5", "builtin:tiny-phi4-mini")
 HUB_TIMEOUT_S = 10.0  # per request; a Hub that does not answer fails the step, it never hangs
 
 # Files the later steps need. Duplicate weight formats (.bin, .pt, .gguf) and remote code are left out.

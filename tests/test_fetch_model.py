@@ -49,7 +49,7 @@ def test_downloaded_tiny_model_is_phi3_and_generates(fetch_run_id, tmp_path):
     cfg = model.config
     assert type(model).__name__ == "Phi3ForCausalLM"
     assert cfg.max_position_embeddings == cfg.original_max_position_embeddings
-    assert cfg.sliding_window is None
+    assert (cfg.sliding_window, cfg.max_position_embeddings) == (2047, 4096)  # as Phi-3-mini-4k-instruct
     assert set(cfg.eos_token_id) == {tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|end|>")}
     for special in ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]:
         assert len(tok.encode(special, add_special_tokens=False)) == 1, special
