@@ -19,6 +19,9 @@ HUB_ALLOW_PATTERNS = [
     "*.onnx",
     "*.onnx.data",
 ]
+# What fetch_model checks before it logs anything: one of these tokenizer files must exist
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+SAFETENSORS_INDEX = "model.safetensors.index.json"  # tensor -> file of sharded weights
 PHI3_ARCHITECTURES = {"Phi3ForCausalLM"}
 PHI3_GENAI_TYPES = {"phi3"}
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_failed_with, assert_ok, mlflow_run
-from phi3flow import settings
+from conftest import assert_failed_with, assert_ok, invoke_step, mlflow_run
+from phi3flow import fetch, settings
 from phi3flow.artifacts import download_fetched_model
 from phi3flow.errors import UserError
+from steps import fetch_model as fetch_model_step
 
 
 def test_fetch_builtin_logs_files_manifest_params_and_tags(fetch_run_id, tmp_path):
@@ -158,3 +161,83 @@ def test_download_rejects_bad_run_ids_and_tampered_files(fetch_run_id, tracking_
         mlflow.log_dict(manifest, "manifest.json")
     with pytest.raises(UserError, match=r"checksum mismatch=\['config.json'\]"):
         download_fetched_model(tampered.info.run_id, tmp_path / "d")
+
+
+# ---- what fetch_model checks before it logs: broken checkpoints ---------------------------------
+
+def shard_weights(src: Path, dst: Path, shards: int = 2) -> Path:
+    """A copy of the checkpoint in src with its weights split over shards files and an index, as the Hub has them."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(src / "model.safetensors")
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {name: tensors[name] for name in names[i::shards]}
+        save_file(part, dst / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (dst / settings.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return dst
+
+
+def _broken(case: str, tiny_dir: Path, folder: Path) -> Path:
+    """tiny_dir with one thing broken, as a user might have it on disk."""
+    if case.startswith("index-"):
+        shard_weights(tiny_dir, folder)
+    else:
+        shutil.copytree(tiny_dir, folder)
+    if case == "no-tokenizer":
+        (folder / "tokenizer.json").unlink()
+    elif case == "corrupt-tokenizer":
+        (folder / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
+    elif case == "config-not-json":
+        (folder / "config.json").write_text("{'model_type': 'phi3'}")
+    elif case == "truncated-weights":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    elif case == "vocab-mismatch":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 64}))
+    elif case == "index-wrong-file":
+        index = json.loads((folder / settings.SAFETENSORS_INDEX).read_text())
+        index["weight_map"]["lm_head.weight"] = "model-00001-of-00002.safetensors" if index["weight_map"]["lm_head.weight"].startswith("model-00002") else "model-00002-of-00002.safetensors"
+        (folder / settings.SAFETENSORS_INDEX).write_text(json.dumps(index))
+    elif case == "index-missing-shard":
+        (folder / "model-00002-of-00002.safetensors").unlink()
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no-tokenizer", "tokenizer.json or tokenizer.model: missing"),
+        ("corrupt-tokenizer", "tokenizer files: transformers cannot load them"),
+        ("config-not-json", "config.json: not readable as JSON"),
+        ("truncated-weights", "model.safetensors: incomplete or corrupt safetensors file"),
+        ("vocab-mismatch", "model.safetensors: model.embed_tokens.weight has shape [770, 64], config.json says [834, 64]"),
+        ("index-wrong-file", "model.safetensors.index.json: places lm_head.weight in model-0000"),
+        ("index-missing-shard", "model.safetensors.index.json: places"),
+    ],
+)
+def test_broken_checkpoint_fails_naming_the_file(case, message, tiny_dir, tracking_uri, tmp_path):
+    folder = _broken(case, tiny_dir, tmp_path / case)
+    error, run = invoke_step(fetch_model_step.main, ["--model-id", str(folder)])
+    assert isinstance(error, UserError), error
+    assert message in str(error)
+    assert "\n" not in str(error)
+    assert run.info.status == "FAILED"
+    assert not mlflow.MlflowClient().list_artifacts(run.info.run_id)  # nothing logged
+
+
+def test_sharded_checkpoint_passes_the_checks(tiny_dir, tmp_path):
+    fetch.check_model_files(shard_weights(tiny_dir, tmp_path / "sharded"))
+
+
+def test_truncated_weights_fail_the_fetch_run_within_seconds(tiny_dir, tracking_uri, tmp_path):
+    folder = _broken("truncated-weights", tiny_dir, tmp_path / "truncated")
+    result = mlflow_run("fetch_model", {"model_id": str(folder)}, tracking_uri, timeout=300)
+    assert_failed_with(result, "model.safetensors: incomplete or corrupt safetensors file")
+    assert result.seconds < 60  # headers only: the weights are never loaded
