@@ -14,6 +14,7 @@ from phi3flow import settings, tiny
 from phi3flow.errors import UserError
 
 # owner/name, optionally followed by a subfolder (ONNX repos keep one variant per subfolder)
+ONNX_ARCHITECTURE_PREFIX = "onnxruntime-genai:"  # architecture_of a prebuilt onnxruntime-genai folder
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(/[\w./-]+)?$")
 
 
@@ -42,13 +43,18 @@ def content_hash(manifest: dict) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
+def is_prebuilt_onnx(architecture: str) -> bool:
+    """Whether an architecture of architecture_of is an onnxruntime-genai folder (no transformers checkpoint)."""
+    return architecture.startswith(ONNX_ARCHITECTURE_PREFIX)
+
+
 def architecture_of(folder: Path) -> str:
     """The Phi-3 architecture of the model in folder, or a UserError for anything else."""
     genai = folder / "genai_config.json"
     if genai.is_file():
         model_type = read_json(genai).get("model", {}).get("type")
         if model_type in settings.PHI3_GENAI_TYPES:
-            return f"onnxruntime-genai:{model_type}"
+            return f"{ONNX_ARCHITECTURE_PREFIX}{model_type}"
         raise UserError(f"{folder.name}: onnxruntime-genai model type '{model_type}' is not Phi-3")
     config = folder / "config.json"
     if not config.is_file():
