@@ -259,14 +259,15 @@ def evaluate_and_promote(
     # ONNX first: it refuses a max_tokens that does not fit the context at once, where transformers
     # would generate on. The pipeline then scores its agreement with the ONNX answers.
     onnx_scores = evaluate_model("onnx", onnx.uri, data.rows, max_tokens, logged_model_id=onnx.model_id)
-    scores, versions = [onnx_scores], [registry.register(onnx, onnx_model_name)]
+    scores, registered = [onnx_scores], [(onnx, onnx_model_name)]
     if pipeline is None:
         print("no pipeline model (a prebuilt ONNX source): the ONNX model is evaluated alone", flush=True)
     else:
         pipeline_scores = evaluate_model("pipeline", pipeline.uri, data.rows, max_tokens, logged_model_id=pipeline.model_id,
                                          peer_answers=onnx_scores.answers)
         scores.insert(0, pipeline_scores)
-        versions.insert(0, registry.register(pipeline, pipeline_model_name))
+        registered.insert(0, (pipeline, pipeline_model_name))
+    versions = [registry.register(model, name) for model, name in registered]
     candidates = [_candidate(s, v) for s, v in zip(scores, versions)]
 
     champion = None

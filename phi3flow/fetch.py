@@ -13,8 +13,8 @@ from pathlib import Path
 from phi3flow import settings, tiny
 from phi3flow.errors import UserError
 
-# owner/name, optionally followed by a subfolder (ONNX repos keep one variant per subfolder)
 ONNX_ARCHITECTURE_PREFIX = "onnxruntime-genai:"  # architecture_of a prebuilt onnxruntime-genai folder
+# owner/name, optionally followed by a subfolder (ONNX repos keep one variant per subfolder)
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(/[\w./-]+)?$")
 
 
@@ -112,7 +112,7 @@ def check_tokenizer(folder: Path, genai_folder: Path) -> None:
     try:
         og.Tokenizer(str(genai_folder))
     except Exception as exc:  # og raises RuntimeError naming the file it could not read
-        raise UserError(f"tokenizer files: onnxruntime-genai cannot load them: {_first_line(exc)}") from None
+        raise UserError(f"tokenizer files: not loadable by onnxruntime-genai: {first_line(exc)}") from None
 
 
 def _load_with_transformers(folder: Path, what: str, loader: str) -> None:
@@ -121,7 +121,7 @@ def _load_with_transformers(folder: Path, what: str, loader: str) -> None:
     try:
         getattr(transformers, loader).from_pretrained(str(folder))
     except Exception as exc:  # transformers raises many types for a broken file
-        raise UserError(f"{what}: transformers cannot load them from {folder.name}: {_first_line(exc)}") from None
+        raise UserError(f"{what}: not loadable by transformers: {first_line(exc)}") from None
 
 
 def _genai_tokenizer_folder(folder: Path, config: dict, workdir: Path) -> Path:
@@ -139,7 +139,8 @@ def _genai_tokenizer_folder(folder: Path, config: dict, workdir: Path) -> Path:
     return workdir
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: libraries' messages often run over many."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -13,6 +13,7 @@ from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 
 from phi3flow import settings
 from phi3flow.errors import UserError
+from phi3flow.fetch import first_line
 from phi3flow.onnx_convert import convert
 
 INTERFACES = ("chat", "prompt")
@@ -70,8 +71,7 @@ def try_generation(onnx_dir: Path, interface: str, tokens: int = 2) -> str:
         else:
             answer = model.predict(None, example, params={"max_tokens": tokens})[0]
     except Exception as exc:  # onnxruntime-genai raises RuntimeError with the kernel's message
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"the ONNX model does not run in onnxruntime-genai, nothing was logged: {first}") from None
+        raise UserError(f"the ONNX model does not run in onnxruntime-genai, nothing was logged: {first_line(exc)}") from None
     print(f"the ONNX model generates: {tokens} greedy tokens through the pyfunc -> {answer!r}", flush=True)
     return answer
 

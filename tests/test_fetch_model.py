@@ -198,7 +198,7 @@ def _broken(case: str, tiny_dir: Path, folder: Path) -> Path:
     ("case", "message"),
     [
         ("no-tokenizer", "tokenizer.json or tokenizer.model: missing"),
-        ("corrupt-tokenizer", "tokenizer files: transformers cannot load them"),
+        ("corrupt-tokenizer", "tokenizer files: not loadable by transformers"),
         ("config-not-json", "config.json: not readable as JSON"),
         ("truncated-weights", "model.safetensors: incomplete or corrupt safetensors file"),
         ("vocab-mismatch", "model.safetensors: model.embed_tokens.weight has shape [770, 64], config.json says [834, 64]"),
