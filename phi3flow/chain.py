@@ -206,7 +206,14 @@ def run_flow(flow: Chain, model_id: str, revision: str, precision: str, interfac
     mlflow.set_tag(settings.TAG_REVISION, resolved)
     fetched = flow.step("fetch_model", {"model_id": model_id, "revision": revision},
                         input_tags={settings.TAG_REVISION: resolved})
-    pipeline = flow.step("log_pipeline", {"fetch_run_id": fetched.run_id})
+    architecture = flow.client.get_run(fetched.run_id).data.tags.get(settings.TAG_ARCHITECTURE, "")
+    if fetch.is_prebuilt_onnx(architecture):
+        # The champion rule then applies to the ONNX model alone.
+        print(f"log_pipeline: skipped: {model_id} is a prebuilt onnxruntime-genai folder ({architecture}), "
+              "which has no transformers checkpoint to log", flush=True)
+        pipeline_run_id = settings.NO_PIPELINE_RUN
+    else:
+        pipeline_run_id = flow.step("log_pipeline", {"fetch_run_id": fetched.run_id}).run_id
     onnx = flow.step("log_onnx_wrapper", {"fetch_run_id": fetched.run_id, "precision": precision, "interface": interface})
-    flow.step("evaluate", {"pipeline_run_id": pipeline.run_id, "onnx_run_id": onnx.run_id, "eval_data": eval_data},
+    flow.step("evaluate", {"pipeline_run_id": pipeline_run_id, "onnx_run_id": onnx.run_id, "eval_data": eval_data},
               inputs=file_inputs("eval_data", eval_data))

@@ -240,13 +240,14 @@ def evaluate_and_promote(
         raise UserError(f"max_tokens must be at least 1, not {max_tokens}")
     if tolerance < 0:
         raise UserError(f"tolerance must be 0 or positive, not {tolerance}")
-    pipeline = registry.logged_model_of(pipeline_run_id, settings.PIPELINE_MODEL_NAME, "log_pipeline")
+    pipeline = (None if pipeline_run_id == settings.NO_PIPELINE_RUN
+                else registry.logged_model_of(pipeline_run_id, settings.PIPELINE_MODEL_NAME, "log_pipeline"))
     onnx = registry.logged_model_of(onnx_run_id, settings.ONNX_MODEL_NAME, "log_onnx_wrapper")
-    upstream = pipeline.run.data.tags
+    upstream = (pipeline or onnx).run.data.tags
     mlflow.set_tags({
         settings.TAG_PIPELINE_RUN_ID: pipeline_run_id,
         settings.TAG_ONNX_RUN_ID: onnx_run_id,
-        settings.TAG_PIPELINE_MODEL_ID: pipeline.model_id,
+        settings.TAG_PIPELINE_MODEL_ID: pipeline.model_id if pipeline else settings.NO_PIPELINE_RUN,
         settings.TAG_ONNX_MODEL_ID: onnx.model_id,
         settings.TAG_MODEL_ID: upstream.get(settings.TAG_MODEL_ID, ""),
         settings.TAG_REVISION: upstream.get(settings.TAG_REVISION, ""),
@@ -258,10 +259,15 @@ def evaluate_and_promote(
     # ONNX first: it refuses a max_tokens that does not fit the context at once, where transformers
     # would generate on. The pipeline then scores its agreement with the ONNX answers.
     onnx_scores = evaluate_model("onnx", onnx.uri, data.rows, max_tokens, logged_model_id=onnx.model_id)
-    pipeline_scores = evaluate_model("pipeline", pipeline.uri, data.rows, max_tokens, logged_model_id=pipeline.model_id,
-                                     peer_answers=onnx_scores.answers)
-    scores = [pipeline_scores, onnx_scores]
-    versions = [registry.register(pipeline, pipeline_model_name), registry.register(onnx, onnx_model_name)]
+    scores, registered = [onnx_scores], [(onnx, onnx_model_name)]
+    if pipeline is None:
+        print("no pipeline model (a prebuilt ONNX source): the ONNX model is evaluated alone", flush=True)
+    else:
+        pipeline_scores = evaluate_model("pipeline", pipeline.uri, data.rows, max_tokens, logged_model_id=pipeline.model_id,
+                                         peer_answers=onnx_scores.answers)
+        scores.insert(0, pipeline_scores)
+        registered.insert(0, (pipeline, pipeline_model_name))
+    versions = [registry.register(model, name) for model, name in registered]
     candidates = [_candidate(s, v) for s, v in zip(scores, versions)]
 
     champion = None
@@ -298,11 +304,12 @@ def log_comparison(
         mlflow.log_metrics({f"{s.label}/{name}": value for name, value in s.metrics.items()})
         rows.append({"model": s.label, "version": refs[s.label],
                      **{name: s.metrics[name] for name in metric_names(QUALITY_SCORERS + COST_SCORERS)}})
-    compared = next(s.metrics for s in scores if "agreement_exact/mean" in s.metrics)
-    mlflow.log_metrics({
-        "agreement/exact": compared["agreement_exact/mean"],
-        "agreement/token_overlap": compared["agreement_token_overlap/mean"],
-    })
+    compared = next((s.metrics for s in scores if "agreement_exact/mean" in s.metrics), None)
+    if compared is not None:  # None: one model evaluated alone, nothing to agree with
+        mlflow.log_metrics({
+            "agreement/exact": compared["agreement_exact/mean"],
+            "agreement/token_overlap": compared["agreement_token_overlap/mean"],
+        })
     table = report.comparison_table(rows)
     mlflow.log_text(report.to_markdown(table), "comparison/comparison.md")
     mlflow.log_text(table.to_csv(), "comparison/comparison.csv")

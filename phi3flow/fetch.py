@@ -6,12 +6,14 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from phi3flow import settings, tiny
 from phi3flow.errors import UserError
 
+ONNX_ARCHITECTURE_PREFIX = "onnxruntime-genai:"  # architecture_of a prebuilt onnxruntime-genai folder
 # owner/name, optionally followed by a subfolder (ONNX repos keep one variant per subfolder)
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(/[\w./-]+)?$")
 
@@ -41,18 +43,23 @@ def content_hash(manifest: dict) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
+def is_prebuilt_onnx(architecture: str) -> bool:
+    """Whether an architecture of architecture_of is an onnxruntime-genai folder (no transformers checkpoint)."""
+    return architecture.startswith(ONNX_ARCHITECTURE_PREFIX)
+
+
 def architecture_of(folder: Path) -> str:
     """The Phi-3 architecture of the model in folder, or a UserError for anything else."""
     genai = folder / "genai_config.json"
     if genai.is_file():
-        model_type = json.loads(genai.read_text()).get("model", {}).get("type")
+        model_type = read_json(genai).get("model", {}).get("type")
         if model_type in settings.PHI3_GENAI_TYPES:
-            return f"onnxruntime-genai:{model_type}"
+            return f"{ONNX_ARCHITECTURE_PREFIX}{model_type}"
         raise UserError(f"{folder.name}: onnxruntime-genai model type '{model_type}' is not Phi-3")
     config = folder / "config.json"
     if not config.is_file():
         raise UserError(f"no config.json or genai_config.json in the model folder {folder}")
-    data = json.loads(config.read_text())
+    data = read_json(config)
     architectures = data.get("architectures") or []
     matches = settings.PHI3_ARCHITECTURES.intersection(architectures)
     if data.get("model_type") != "phi3" or not matches:
@@ -60,6 +67,129 @@ def architecture_of(folder: Path) -> str:
             f"not a Phi-3 causal LM: model_type={data.get('model_type')!r}, architectures={architectures}"
         )
     return sorted(matches)[0]
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file of the model, or a UserError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path.name}: not readable as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path.name}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# ---- checks of what was fetched: each failure names the file, before anything is logged ----------
+
+def check_model_files(folder: Path) -> None:
+    """Fail with one line unless the later steps can read folder: config, tokenizer, weights.
+
+    Reads only JSON files, tokenizer files and safetensors headers, never the weights: seconds for
+    any size of model.
+    """
+    genai = folder / "genai_config.json"
+    if genai.is_file():
+        decoder_file = read_json(genai).get("model", {}).get("decoder", {}).get("filename", "model.onnx")
+        if not (folder / decoder_file).is_file():
+            raise UserError(f"{decoder_file}: missing (genai_config.json names it as the decoder)")
+        check_tokenizer(folder, genai_folder=folder)
+        return
+    config = read_json(folder / "config.json")
+    _load_with_transformers(folder, "config.json", "AutoConfig")
+    with tempfile.TemporaryDirectory() as tmp:
+        check_tokenizer(folder, genai_folder=_genai_tokenizer_folder(folder, config, Path(tmp)))
+    check_safetensors(folder, config)
+
+
+def check_tokenizer(folder: Path, genai_folder: Path) -> None:
+    """The tokenizer files exist and both runtimes load them (transformers, onnxruntime-genai)."""
+    if not any((folder / name).is_file() for name in settings.TOKENIZER_FILES):
+        raise UserError(f"{' or '.join(settings.TOKENIZER_FILES)}: missing, the model folder has no tokenizer")
+    _load_with_transformers(folder, "tokenizer files", "AutoTokenizer")
+    import onnxruntime_genai as og
+
+    try:
+        og.Tokenizer(str(genai_folder))
+    except Exception as exc:  # og raises RuntimeError naming the file it could not read
+        raise UserError(f"tokenizer files: not loadable by onnxruntime-genai: {first_line(exc)}") from None
+
+
+def _load_with_transformers(folder: Path, what: str, loader: str) -> None:
+    import transformers
+
+    try:
+        getattr(transformers, loader).from_pretrained(str(folder))
+    except Exception as exc:  # transformers raises many types for a broken file
+        raise UserError(f"{what}: not loadable by transformers: {first_line(exc)}") from None
+
+
+def _genai_tokenizer_folder(folder: Path, config: dict, workdir: Path) -> Path:
+    """A folder where onnxruntime-genai can load folder's tokenizer.
+
+    og loads a tokenizer only through a genai_config.json, which a checkpoint folder does not
+    have (the model builder writes one): link the tokenizer files next to the least config og
+    accepts for that.
+    """
+    for path in folder.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "added_tokens")) or path.suffix == ".jinja":
+            (workdir / path.name).symlink_to(path.resolve())
+    minimal = {"model": {"type": config.get("model_type", "phi3"), "context_length": int(config.get("max_position_embeddings") or 4096)}}
+    (workdir / "genai_config.json").write_text(json.dumps(minimal))
+    return workdir
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: libraries' messages often run over many."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_safetensors(folder: Path, config: dict) -> None:
+    """Every safetensors header complete, the index's tensors where it says, shapes as the config says."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise UserError("*.safetensors: missing, the model folder has no weights in safetensors format")
+    shapes: dict[str, tuple[str, list[int]]] = {}  # tensor -> (file, shape)
+    for name in files:
+        try:  # reads the header and checks that its offsets cover the file exactly
+            with safe_open(str(folder / name), framework="numpy") as weights:
+                for tensor in weights.keys():
+                    shapes[tensor] = (name, list(weights.get_slice(tensor).get_shape()))
+        except SafetensorError as exc:
+            raise UserError(f"{name}: incomplete or corrupt safetensors file ({exc}): fetch it again") from None
+    index_file = folder / settings.SAFETENSORS_INDEX
+    if index_file.is_file():
+        weight_map = read_json(index_file).get("weight_map") or {}
+        if not weight_map:
+            raise UserError(f"{index_file.name}: no weight_map")
+        for tensor, file in sorted(weight_map.items()):
+            if tensor not in shapes or shapes[tensor][0] != file:
+                found = f"it is in {shapes[tensor][0]}" if tensor in shapes else "no file holds it"
+                raise UserError(f"{index_file.name}: places {tensor} in {file}, but {found}")
+        if unindexed := sorted(set(shapes) - set(weight_map)):
+            raise UserError(f"{shapes[unindexed[0]][0]}: holds {unindexed[0]}, which {index_file.name} does not list")
+    elif len(files) > 1:
+        raise UserError(f"{index_file.name}: missing, and the weights are split over {len(files)} files")
+    _check_shapes_against_config(shapes, config)
+
+
+def _check_shapes_against_config(shapes: dict[str, tuple[str, list[int]]], config: dict) -> None:
+    vocab, hidden, layers = config.get("vocab_size"), config.get("hidden_size"), config.get("num_hidden_layers")
+    expected = {"model.embed_tokens.weight": [vocab, hidden]}
+    if not config.get("tie_word_embeddings"):
+        expected["lm_head.weight"] = [vocab, hidden]
+    for tensor, shape in expected.items():
+        if tensor not in shapes:
+            raise UserError(f"*.safetensors: no file holds {tensor}")
+        file, found = shapes[tensor]
+        if found != shape:
+            raise UserError(f"{file}: {tensor} has shape {found}, config.json says {shape} (vocab_size, hidden_size)")
+    found_layers = {int(m.group(1)) for t in shapes if (m := re.match(r"model\.layers\.(\d+)\.", t))}
+    if found_layers != set(range(layers or 0)):
+        raise UserError(f"*.safetensors: the weights hold {len(found_layers)} layers, config.json says num_hidden_layers={layers}")
 
 
 def resolve(model_id: str, revision: str, workdir: Path) -> Source:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -12,6 +13,7 @@ from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 
 from phi3flow import settings
 from phi3flow.errors import UserError
+from phi3flow.fetch import first_line
 from phi3flow.onnx_convert import convert
 from phi3flow.threads import parse_threads, write_session_options
 
@@ -22,10 +24,57 @@ PYFUNC_FILE = Path(__file__).with_name("onnx_pyfunc.py")
 def onnx_folder(model_dir: Path, workdir: Path, precision: str, execution_provider: str) -> tuple[Path, bool]:
     """The onnxruntime-genai folder for model_dir: itself if it already is one, else a conversion."""
     if (model_dir / "genai_config.json").is_file():
-        print("the fetched model is already an onnxruntime-genai folder: logging it without conversion", flush=True)
+        found = folder_precision(model_dir)
+        if found != precision:
+            raise UserError(f"precision={precision}, but the fetched onnxruntime-genai folder holds {found} weights "
+                            f"(it is logged as it is, not converted): run with precision={found}")
+        print(f"the fetched model is already an onnxruntime-genai folder ({found}): logging it without conversion", flush=True)
         return model_dir, False
     print(f"converting to ONNX ({precision}, {execution_provider}) with the onnxruntime-genai model builder ...", flush=True)
     return convert(model_dir, workdir / "onnx", precision, execution_provider), True
+
+
+def folder_precision(folder: Path) -> str:
+    """The precision of an onnxruntime-genai folder's weights, read from its graph (not its name).
+
+    genai_config.json does not record it. The builder writes int4 weights as MatMulNBits nodes and
+    otherwise keeps float initializers of the chosen type; only the graph is read, not the weights.
+    """
+    import onnx
+
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+    graph = onnx.load(str(folder / decoder), load_external_data=False).graph
+    if any(node.op_type == "MatMulNBits" for node in graph.node):
+        return "int4"
+    types = {init.data_type for init in graph.initializer}
+    for onnx_type, name in ((onnx.TensorProto.FLOAT16, "fp16"), (onnx.TensorProto.BFLOAT16, "bf16")):
+        if onnx_type in types:
+            return name
+    return "fp32"
+
+
+def try_generation(onnx_dir: Path, interface: str, tokens: int = 2) -> str:
+    """Greedy-generate a few tokens through the pyfunc model itself; a UserError if it cannot run.
+
+    A folder can convert and still fail in the runtime (e.g. a rotary table the attention kernel
+    refuses): this catches it before anything is logged or registered.
+    """
+    from mlflow.pyfunc import PythonModelContext
+
+    from phi3flow import onnx_pyfunc
+
+    model = onnx_pyfunc.Phi3OnnxModel()
+    _, example = signature_and_example(interface)
+    try:
+        model.load_context(PythonModelContext(artifacts={"onnx": str(onnx_dir)}, model_config={"interface": interface}))
+        if interface == "chat":
+            answer = model.predict(None, {**example, "max_tokens": tokens})[0]["choices"][0]["message"]["content"]
+        else:
+            answer = model.predict(None, example, params={"max_tokens": tokens})[0]
+    except Exception as exc:  # onnxruntime-genai raises RuntimeError with the kernel's message
+        raise UserError(f"the ONNX model does not run in onnxruntime-genai, nothing was logged: {first_line(exc)}") from None
+    print(f"the ONNX model generates: {tokens} greedy tokens through the pyfunc -> {answer!r}", flush=True)
+    return answer
 
 
 def signature_and_example(interface: str) -> tuple[ModelSignature, dict]:

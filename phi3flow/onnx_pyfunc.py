@@ -495,6 +495,24 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
             clean_rows.append({k: v for k, v in row.items() if not (v is None or (isinstance(v, float) and v != v and k in filled))})
         return clean_rows
 
+    def _prompts(self, requests: list[dict[str, Any]]) -> list[Any]:
+        """The prompts of the prompt interface's rows, in order.
+
+        MLflow keeps the column form `{"prompt": ["a", "b"]}` as ONE row holding the list (its
+        schema enforcement does so for lists of strings), so a row may carry several prompts.
+        """
+        prompts: list[Any] = []
+        for request in requests:
+            if set(request) != {"prompt"}:
+                raise _bad("each row takes exactly one field, 'prompt' (a string or a list of strings)")
+            prompt = request["prompt"]
+            if hasattr(prompt, "tolist"):  # a numpy array after pandas conversion
+                prompt = prompt.tolist()
+            if isinstance(prompt, list) and not prompt:
+                raise _bad("'prompt' is an empty list")
+            prompts.extend(prompt if isinstance(prompt, list) else [prompt])
+        return prompts
+
     # ---- generation --------------------------------------------------------------------------
 
     def _job(self, prompt: Any, request: dict[str, Any], deadline: float | None) -> Job:
@@ -553,10 +571,7 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
             options = dict(params or {})
             if unknown := sorted(set(options) - PROMPT_PARAMS):
                 raise _bad(f"unsupported param(s) {', '.join(map(repr, unknown))}; this model takes {', '.join(sorted(PROMPT_PARAMS))}")
-            for request in requests:
-                if set(request) != {"prompt"}:
-                    raise _bad("each row takes exactly one field, 'prompt' (a string)")
-            jobs = [self._job(request["prompt"], options, deadline) for request in requests]
+            jobs = [self._job(prompt, options, deadline) for prompt in self._prompts(requests)]
             return [completion.text for completion in self._run(jobs)]
         requests = [self._chat_request({**(params or {}), **request}) for request in requests]
         jobs = [self._job(self._chat_prompt(request.get("messages")), request, deadline) for request in requests]

@@ -11,16 +11,25 @@ BUILTINS = ("builtin:tiny-phi3", "builtin:tiny-phi3-medium", "builtin:tiny-phi3.
 HUB_TIMEOUT_S = 10.0  # per request; a Hub that does not answer fails the step, it never hangs
 
 # Files the later steps need. Duplicate weight formats (.bin, .pt, .gguf) and remote code are left out.
+# The real repos: Phi-3/3.5 ship config.json, generation_config.json, model-0000N-of-0000M.safetensors
+# with model.safetensors.index.json, and tokenizer.json, tokenizer.model (sentencepiece),
+# tokenizer_config.json, special_tokens_map.json, added_tokens.json; Phi-4-mini ships vocab.json and
+# merges.txt (BPE) instead of tokenizer.model; the -onnx repos hold one variant per subfolder with
+# genai_config.json, <name>.onnx, <name>.onnx.data and the tokenizer files.
 HUB_ALLOW_PATTERNS = [
     "*.json",
     "*.safetensors",
     "tokenizer.model",
+    "merges.txt",
     "*.jinja",
     "LICENSE",
     # An onnxruntime-genai folder (e.g. microsoft/Phi-3-mini-4k-instruct-onnx/<variant>)
     "*.onnx",
     "*.onnx.data",
 ]
+# What fetch_model checks before it logs anything: one of these tokenizer files must exist
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+SAFETENSORS_INDEX = "model.safetensors.index.json"  # tensor -> file of sharded weights
 PHI3_ARCHITECTURES = {"Phi3ForCausalLM"}
 PHI3_GENAI_TYPES = {"phi3"}
 
@@ -74,6 +83,9 @@ EVAL_MAX_TOKENS = 64  # short answers: the bundled set asks short questions
 EVAL_PROMPT_COLUMN = "prompt"
 EVAL_REFERENCE_COLUMN = "reference"
 EVAL_SYSTEM_COLUMN = "system"  # optional
+# pipeline_run_id of evaluate for a source that has no pipeline model (a prebuilt ONNX folder):
+# the ONNX model is evaluated alone. Distinct from an empty value.
+NO_PIPELINE_RUN = "none"
 TAG_PIPELINE_RUN_ID = "phi3.pipeline_run_id"
 TAG_ONNX_RUN_ID = "phi3.onnx_run_id"
 TAG_PIPELINE_MODEL_ID = "phi3.pipeline_model_id"  # the logged model (m-...) evaluated

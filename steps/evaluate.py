@@ -15,7 +15,8 @@ from phi3flow.evaluation import evaluate_and_promote
 
 
 @click.command()
-@click.option("--pipeline-run-id", required=True, help="Run ID of a log_pipeline run.")
+@click.option("--pipeline-run-id", required=True,
+              help=f"Run ID of a log_pipeline run; '{settings.NO_PIPELINE_RUN}': evaluate the ONNX model alone (a prebuilt ONNX source).")
 @click.option("--onnx-run-id", required=True, help="Run ID of a log_onnx_wrapper run.")
 @click.option("--eval-data", default=settings.BUNDLED_EVAL_DATA, show_default=True,
               help="'bundled', or a .jsonl/.csv/.parquet file (path or artifact URI) with prompt, reference[, system].")

@@ -20,6 +20,8 @@ def main(model_id: str, revision: str) -> None:
     with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
         source = fetch.resolve(model_id, revision, Path(tmp))
         architecture = fetch.architecture_of(source.path)
+        print("checking config, tokenizer and weight headers ...", flush=True)
+        fetch.check_model_files(source.path)  # a broken checkpoint fails here, before anything is logged
         manifest = fetch.manifest_of(source.path)
         total = sum(int(entry["bytes"]) for entry in manifest.values())
         print(f"logging {len(manifest)} files ({total / 1e6:.1f} MB) to run {run.info.run_id} ...", flush=True)

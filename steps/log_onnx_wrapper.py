@@ -33,6 +33,7 @@ def main(fetch_run_id: str, precision: str, execution_provider: str, interface: 
         mlflow.set_tags(fetched.lineage_tags)
         onnx_dir, converted = onnx_model.onnx_folder(fetched.path, Path(tmp), precision, execution_provider)
         mlflow.set_tag(settings.TAG_ONNX_SOURCE, "converted" if converted else "as-fetched")
+        onnx_model.try_generation(onnx_dir, interface)  # a model that cannot run is never logged
         info = onnx_model.log_onnx_model(onnx_dir, interface, fetched.model_id, registered_model_name or None, threads)
         print(f"log_onnx_wrapper run {run.info.run_id}: {info.model_uri}", flush=True)
 

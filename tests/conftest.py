@@ -134,3 +134,12 @@ def onnx_fp32_run(fetch_run_id: str, tracking_uri: str) -> StepResult:
 @pytest.fixture(scope="session")
 def onnx_fp32_model(onnx_fp32_run: StepResult):
     return mlflow.pyfunc.load_model(model_uri_of(onnx_fp32_run))
+
+
+def invoke_step(command, args: list[str]) -> tuple[BaseException | None, mlflow.entities.Run]:
+    """A step's click command run in-process (its error checked without starting `mlflow run`): the
+    exception it ended with and the run it opened."""
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(command, args)
+    return result.exception, mlflow.MlflowClient().get_run(mlflow.last_active_run().info.run_id)

@@ -1,15 +1,25 @@
-"""Real servers for the tests, on free loopback ports: `mlflow server` and a throwaway PostgreSQL."""
+"""Real servers for the tests, on free loopback ports: `mlflow server`, a throwaway PostgreSQL, and a
+Hugging Face Hub that serves the files of model repos laid out like the real ones."""
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import psycopg2
 import pytest
@@ -108,3 +118,168 @@ def postgres() -> Iterator[str]:
             subprocess.run([*as_owner, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True, timeout=120)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- a Hugging Face Hub on loopback (HF_ENDPOINT) -------------------------------------------------
+
+@dataclass
+class HubRepo:
+    """A model repo: its files at each revision (branch or tag name -> path -> content)."""
+
+    revisions: dict[str, dict[str, bytes]]
+    gated: bool = False  # every request answered 401 GatedRepo, as the Hub does without an accepted licence
+
+
+# Weights are stored with Git LFS on the Hub: their ETag is the content's sha256, not a git blob id.
+_LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx", ".onnx.data", ".model")
+
+
+def commit_sha(repo_id: str, revision: str, files: dict[str, bytes]) -> str:
+    """A stable 40-hex commit id for a revision's content."""
+    digest = hashlib.sha1(f"{repo_id}@{revision}".encode())
+    for path in sorted(files):
+        digest.update(path.encode() + hashlib.sha1(files[path]).digest())
+    return digest.hexdigest()
+
+
+@dataclass
+class FakeHub:
+    """The routes of the Hub that huggingface_hub's `HfApi.model_info` and `snapshot_download` call
+    (revision info, recursive tree listing, HEAD/GET of `resolve/` with byte ranges), with the Hub's
+    error headers (X-Error-Code: RepoNotFound, RevisionNotFound, GatedRepo).
+
+    The real client talks to it over HTTP, so everything between the project and the Hub is real;
+    only the Hub is small. `requests` records (method, path, Range header) of every request;
+    a path in `interrupt` has its next full GET cut off halfway, as a dropped connection does.
+    A repo id containing "slow" is never answered (a Hub that hangs).
+    """
+
+    repos: dict[str, HubRepo]
+    requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+    interrupt: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> FakeHub:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def sha(self, repo_id: str, revision: str) -> str:
+        return commit_sha(repo_id, revision, self.repos[repo_id].revisions[revision])
+
+    @staticmethod
+    def cut_at(content: bytes) -> int:
+        """Where an interrupted GET of content stops: for a file bigger than huggingface_hub's 10 MB
+        read chunk, past the first chunk, so the client has kept some of it."""
+        return len(content) * 3 // 4
+
+    def downloads(self) -> list[str]:
+        """The file paths fetched with GET (not HEAD), in order."""
+        return [path for method, path, _ in self.requests if method == "GET" and "/resolve/" in path]
+
+    def _files(self, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]] | None:
+        """(commit sha, files) of a branch, tag or commit sha of repo_id."""
+        for name, files in self.repos[repo_id].revisions.items():
+            sha = commit_sha(repo_id, name, files)
+            if revision in (name, sha):
+                return sha, files
+        return None
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+                self._answer(send_body=False)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._answer(send_body=True)
+
+            def _error(self, status: int, code: str, message: str) -> None:
+                body = json.dumps({"error": message}).encode()
+                self.send_response(status)
+                self.send_header("X-Error-Code", code)
+                self.send_header("X-Error-Message", message)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body)
+
+            def _json(self, data: object) -> None:
+                body = json.dumps(data).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _answer(self, send_body: bool) -> None:
+                path = unquote(urlparse(self.path).path)
+                hub.requests.append((self.command, path, self.headers.get("Range")))
+                if "slow" in path:
+                    time.sleep(120)
+                    return
+                api = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)(/.*)?", path)
+                resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                repo_id = (api or resolve).group(1) if (api or resolve) else None
+                if repo_id not in hub.repos:
+                    return self._error(404, "RepoNotFound", "Repository not found")
+                if hub.repos[repo_id].gated:
+                    return self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it and be authenticated to access it. Please log in.")
+                found = hub._files(repo_id, (api or resolve).group(3 if api else 2))
+                if found is None:
+                    return self._error(404, "RevisionNotFound", "Invalid rev id")
+                sha, files = found
+                if api and api.group(2) == "revision":
+                    return self._json({"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
+                                       "siblings": [{"rfilename": p} for p in sorted(files)]})
+                if api:  # tree: every file, recursive (one page: these repos are small)
+                    return self._json([self._entry(p, files[p]) for p in sorted(files)])
+                if resolve.group(3) not in files:
+                    return self._error(404, "EntryNotFound", "Entry not found")
+                self._file(resolve.group(3), files[resolve.group(3)], sha, send_body)
+
+            @staticmethod
+            def _entry(path: str, content: bytes) -> dict:
+                entry = {"type": "file", "oid": hashlib.sha1(content).hexdigest(), "size": len(content), "path": path}
+                if path.endswith(_LFS_SUFFIXES):
+                    entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}
+                return entry
+
+            def _file(self, path: str, content: bytes, sha: str, send_body: bool) -> None:
+                lfs = path.endswith(_LFS_SUFFIXES)
+                etag = hashlib.sha256(content).hexdigest() if lfs else hashlib.sha1(content).hexdigest()
+                start = int(m.group(1)) if (m := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")) else 0
+                self.send_response(206 if start else 200)
+                self.send_header("X-Repo-Commit", sha)
+                self.send_header("ETag", f'"{etag}"')
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(len(content) - start))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
+                self.end_headers()
+                if not send_body:
+                    return
+                if path in hub.interrupt and not start:
+                    hub.interrupt.discard(path)
+                    self.wfile.write(content[: hub.cut_at(content)])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)  # the connection drops mid-file
+                    return
+                self.wfile.write(content[start:])
+
+        return Handler

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.exceptions import MlflowException
+from transformers import Phi3Config, Phi3ForCausalLM
 
-from conftest import assert_failed_with, assert_ok, in_fresh_process, mlflow_run, model_uri_of
-from phi3flow import settings
+from conftest import assert_failed_with, assert_ok, in_fresh_process, invoke_step, mlflow_run, model_uri_of
+from phi3flow import onnx_model, settings
+from phi3flow.errors import UserError
+from phi3flow.onnx_convert import convert
+from steps import fetch_model as fetch_model_step
+from steps import log_onnx_wrapper as log_onnx_wrapper_step
 
 SEED = {"messages": [{"role": "user", "content": settings.SEED_QUESTION}]}
 
@@ -152,3 +161,77 @@ def test_non_string_content_is_refused(onnx_fp32_model):
 def test_bad_step_input_fails_with_one_line(params, message, fetch_run_id, tracking_uri):
     result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, **params}, tracking_uri, timeout=300)
     assert_failed_with(result, message)
+
+
+# ---- prebuilt folders, a model that cannot run, the input forms MLflow documents -----------------
+
+def _fetched(folder: Path) -> str:
+    """A fetch_model run of a local folder, in-process."""
+    error, run = invoke_step(fetch_model_step.main, ["--model-id", str(folder)])
+    assert error is None, error
+    return run.info.run_id
+
+
+@pytest.mark.parametrize(("asked", "held"), [("int4", "fp32"), ("fp32", "int4")])
+def test_precision_that_does_not_match_a_prebuilt_folder_is_one_line(asked, held, tiny_onnx_fp32, tiny_dir, tmp_path_factory, tracking_uri):
+    folder = tiny_onnx_fp32 if held == "fp32" else convert(tiny_dir, tmp_path_factory.mktemp("onnx") / "int4", "int4")
+    assert onnx_model.folder_precision(folder) == held
+    error, run = invoke_step(log_onnx_wrapper_step.main, ["--fetch-run-id", _fetched(folder), "--precision", asked])
+    assert isinstance(error, UserError)
+    assert str(error) == (f"precision={asked}, but the fetched onnxruntime-genai folder holds {held} weights "
+                          f"(it is logged as it is, not converted): run with precision={held}")
+    assert run.info.status == "FAILED"
+    assert not run.outputs.model_outputs
+
+
+def test_a_model_that_converts_but_cannot_run_is_never_logged(tiny_dir, tmp_path, tracking_uri):
+    # head_size 12: the builder converts it, onnxruntime-genai's attention kernel refuses it at run time
+    folder = shutil.copytree(tiny_dir, tmp_path / "head12")
+    config = json.loads((folder / "config.json").read_text())
+    torch.manual_seed(0)
+    Phi3ForCausalLM(Phi3Config(**{**config, "hidden_size": 48})).save_pretrained(folder)
+    error, run = invoke_step(log_onnx_wrapper_step.main, [
+        "--fetch-run-id", _fetched(folder), "--precision", "fp32", "--registered-model-name", "phi3-onnx-unrunnable"])
+    assert isinstance(error, UserError)
+    assert str(error).startswith("the ONNX model does not run in onnxruntime-genai, nothing was logged: ")
+    assert "head_size must be a multiple of 8" in str(error)
+    assert run.info.status == "FAILED"
+    assert not run.outputs.model_outputs
+    assert not mlflow.MlflowClient().list_artifacts(run.info.run_id)
+    assert not mlflow.MlflowClient().search_registered_models("name = 'phi3-onnx-unrunnable'")
+
+
+@pytest.fixture(scope="module")
+def models_by_interface(tiny_onnx_fp32, tracking_uri) -> dict:
+    """The pyfunc of both interfaces, logged in-process from the tiny fp32 folder."""
+    models = {}
+    for interface in onnx_model.INTERFACES:
+        with mlflow.start_run():
+            info = onnx_model.log_onnx_model(tiny_onnx_fp32, interface, "tiny")
+        models[interface] = mlflow.pyfunc.load_model(info.model_uri)
+    return models
+
+
+def test_prompt_interface_takes_every_documented_input_form(models_by_interface):
+    model, prompts = models_by_interface["prompt"], ["Tell me a joke", "What is the capital of Spain?"]
+    alone = [model.predict({"prompt": p}, params={"max_tokens": 6})[0] for p in prompts]  # single dict
+    assert len(set(alone)) == 2
+    forms = {
+        "dict of lists": {"prompt": prompts},
+        "DataFrame": pd.DataFrame({"prompt": prompts}),
+        "list of dicts": [{"prompt": p} for p in prompts],
+    }
+    for form, model_input in forms.items():
+        assert model.predict(model_input, params={"max_tokens": 6}) == alone, form
+    with pytest.raises(MlflowException, match="'prompt' is an empty list"):
+        model.predict({"prompt": []})
+
+
+def test_chat_interface_takes_every_documented_input_form(models_by_interface):
+    model = models_by_interface["chat"]
+    requests = [{"messages": [{"role": "user", "content": q}], "max_tokens": 6} for q in ("Tell me a joke", settings.SEED_QUESTION)]
+    alone = [_content(model.predict(r)) for r in requests]  # single dict
+    assert len(set(alone)) == 2
+    forms = {"DataFrame": pd.DataFrame(requests), "list of dicts": requests}
+    for form, model_input in forms.items():
+        assert [a["choices"][0]["message"]["content"] for a in model.predict(model_input)] == alone, form
