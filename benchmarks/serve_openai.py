@@ -141,9 +141,11 @@ def main() -> None:
     import mlflow
     import openai
 
-    tracking_uri, model_uri = log_model(build_onnx(args.model, args.workdir, args.num_layers), args.workdir)
-    # The files the server loads: the logged model's copy of the ONNX folder.
-    onnx_dir = Path(mlflow.artifacts.download_artifacts(f"{model_uri}/artifacts/onnx", dst_path=str(args.workdir / "logged")))
+    built = build_onnx(args.model, args.workdir, args.num_layers)
+    tracking_uri, model_uri = log_model(built, args.workdir)
+    # The files the server loads: the logged model's copy of the ONNX folder (pyfunc artifacts/<name>).
+    logged = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+    onnx_dir = Path(mlflow.artifacts.download_artifacts(f"{logged}/artifacts/{built.name}", dst_path=str(args.workdir / "logged")))
     port = local_server.free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     log = args.workdir / "serve.log"
