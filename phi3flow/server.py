@@ -206,7 +206,7 @@ def _messages(value: Any, served: Served) -> list[dict[str, str]]:
         if role not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {_shown(role)}", "messages")
         content = _content(message, i)
-        if marker := next((m for m in served.markers if m in content), None):
+        if marker := min((m for m in served.markers if m in content), key=content.index, default=None):
             raise ApiError(400, f"messages[{i}].content holds {marker!r}, a control marker of this model that it cannot take as text", "messages")
         messages.append({"role": role, "content": content})
     chars = sum(len(m["content"]) for m in messages)
