@@ -118,6 +118,6 @@ def log_onnx_model(onnx_dir: Path, interface: str, model_name: str, registered_m
         },
         signature=signature,
         input_example=example,
-        pip_requirements=settings.pinned("mlflow", "onnxruntime-genai", "onnxruntime", "numpy", "pandas"),
+        pip_requirements=settings.pinned("mlflow", "onnxruntime-genai", "onnxruntime", "numpy", "pandas", "tokenizers"),
         registered_model_name=registered_model_name,
     )

@@ -29,9 +29,11 @@ an abandoned request never keeps the model busy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import queue
 import threading
 import time
@@ -46,6 +48,7 @@ import mlflow
 import numpy as np
 import onnxruntime_genai as og
 import pandas as pd
+import tokenizers
 from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VALUE
@@ -54,6 +57,25 @@ ROLES = ("system", "user", "assistant")
 # Fields of an llm/v1/chat request this model honours; anything else is refused, not ignored.
 CHAT_FIELDS = {"messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "n", "stream"}
 PROMPT_PARAMS = {"max_tokens", "temperature", "top_p", "top_k"}
+# Bad input is echoed in error messages up to this many characters.
+MAX_ECHO_CHARS = 100
+# Stands in for a message's content while the chat template is rendered: the template's own text
+# is then split from the content, which is encoded apart (see _chat_ids).
+CONTENT_SLOT = "\x1fphi3flow-content-{}\x1f"
+
+
+def _shown(value: Any) -> str:
+    """repr of a bad value for an error message, cut to MAX_ECHO_CHARS."""
+    text = repr(value)
+    return text if len(text) <= MAX_ECHO_CHARS else f"{text[:MAX_ECHO_CHARS]}... ({len(text)} characters)"
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """Refuse lone surrogates (valid in JSON strings, not in Unicode text): no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise _bad(f"{where} is not valid Unicode: a lone surrogate {text[error.start]!r} at character {error.start}") from None
 
 
 def _bad(message: str) -> MlflowException:
@@ -108,6 +130,14 @@ def _deadline() -> float | None:
     timeout = float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
     # The server's clock started before it parsed the request: keep a margin for that.
     return time.monotonic() + timeout - min(2.0, 0.2 * timeout)
+
+
+def _usage(completion: Completion) -> dict[str, int]:
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+    }
 
 
 # One event of a generation: (new text, completion so far, is last), or the error that ended it.
@@ -414,6 +444,7 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = og.Tokenizer(self.model)
         genai = json.loads((folder / "genai_config.json").read_text())
         self.context_length = int(genai["model"]["context_length"])
+        self._load_tokenizers(folder / "tokenizer.json")
         self.batcher = Batcher(
             self.model, self.tokenizer, genai,
             max_batch_size=int(config.get("max_batch_size", 8)),
@@ -421,6 +452,24 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
             gather_s=float(config.get("batch_gather_ms", 50)) / 1000,
             rope_switch=long_rope_switch(folder),
         )
+
+    def _load_tokenizers(self, tokenizer_json: Path) -> None:
+        """The model's tokenizer (the same file og uses) for building prompt ids from data.
+
+        og's own encode stops at a NUL character and turns special-token markers anywhere in the
+        text into control tokens; the Hugging Face `tokenizers` library can encode text with the
+        markers as plain text (`encode_special_tokens`) and keeps control characters.
+        """
+        self.plain = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+        self.plain.encode_special_tokens = True  # for message content: markers are text
+        self.marked = tokenizers.Tokenizer.from_file(str(tokenizer_json))  # the prompt interface: markers are tokens
+        self.markers = {token.content: i for i, token in self.plain.get_added_tokens_decoder().items()}
+        self.marker_pattern = re.compile("|".join(map(re.escape, sorted(self.markers, key=len, reverse=True))))
+        # What the tokenizer's post-processor puts in front of a text (a BOS token, or nothing).
+        self.prefix_ids = self.marked.encode("", add_special_tokens=True).ids
+        # No token covers more characters than the longest vocabulary entry, so a prompt with more
+        # characters than this cannot fit in the context: refused before it is tokenized.
+        self.max_prompt_chars = self.context_length * max(map(len, self.plain.get_vocab()))
 
     # ---- request parsing -------------------------------------------------------------------
 
@@ -455,23 +504,66 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
             raise _bad("'stop' must be a string or a list of non-empty strings")
         return Decoding(max_tokens, temperature, top_p, top_k, tuple(stop))
 
-    def _chat_prompt(self, messages: Any) -> str:
+    def _check_size(self, chars: int, what: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise _bad(f"{what} {chars} characters but the model's context is {self.context_length} tokens,"
+                       f" at most {self.max_prompt_chars} characters")
+
+    def _chat_prompt(self, messages: Any) -> list[int]:
+        """The prompt ids of a conversation, where message content is always data.
+
+        The model's own chat template is rendered with a placeholder for each content; only the
+        template's text may hold control tokens. The content is encoded as plain text in place of
+        its placeholder: a marker such as <|end|> typed by a user stays the characters '<|end|>',
+        and NUL or other control characters are encoded like any other character.
+        """
         if hasattr(messages, "tolist"):  # a numpy array after pandas conversion
             messages = messages.tolist()
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' must be a non-empty list of {role, content} objects")
-        clean = []
+        contents, slots = [], []
         for i, message in enumerate(messages):
             if not isinstance(message, dict):
                 raise _bad(f"messages[{i}] must be an object with 'role' and 'content'")
             role, content = message.get("role"), message.get("content")
             if role not in ROLES:
-                raise _bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+                raise _bad(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {_shown(role)}")
             if not isinstance(content, str):
                 raise _bad(f"messages[{i}].content must be a string, got {type(content).__name__}")
-            clean.append({"role": role, "content": content})
-        # The model's own chat template, as shipped in its tokenizer files.
-        return self.tokenizer.apply_chat_template(json.dumps(clean), add_generation_prompt=True)
+            _check_unicode(content, f"messages[{i}].content")
+            contents.append(content)
+            slots.append({"role": role, "content": CONTENT_SLOT.format(i)})
+        self._check_size(sum(map(len, contents)), "the messages hold")
+        rendered = self.tokenizer.apply_chat_template(json.dumps(slots), add_generation_prompt=True)
+        ids, text = list(self.prefix_ids), []  # text: plain text not yet encoded
+        for i, content in enumerate(contents):
+            template, found, rendered = rendered.partition(CONTENT_SLOT.format(i))
+            self._template_ids(template, ids, text)
+            if found:  # (a template may leave a message out)
+                text.append(content)
+        self._template_ids(rendered, ids, text)
+        return ids + self._plain_ids(text)
+
+    def _template_ids(self, template: str, ids: list[int], text: list[str]) -> None:
+        """Append the template's control tokens to ids, after the plain text before each."""
+        start = 0
+        for marker in self.marker_pattern.finditer(template):
+            text.append(template[start:marker.start()])
+            ids += self._plain_ids(text)
+            ids.append(self.markers[marker.group()])
+            start = marker.end()
+        text.append(template[start:])
+
+    def _plain_ids(self, text: list[str]) -> list[int]:
+        """Encode and empty the plain text gathered since the last control token.
+
+        The tokenizer encodes the text between two control tokens on its own (its normalizer adds
+        a prefix to each such span), so joining the template's text and the content of one span
+        gives the same ids as the whole prompt text would, as long as the content holds no marker.
+        """
+        joined = "".join(text)
+        text.clear()
+        return self.plain.encode(joined, add_special_tokens=False).ids if joined else []
 
     def _requests(self, model_input: Any) -> list[dict[str, Any]]:
         filled: set[str] = set()  # columns where a NaN can only be pandas' "missing"
@@ -515,11 +607,16 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
 
     # ---- generation --------------------------------------------------------------------------
 
-    def _job(self, prompt: Any, request: dict[str, Any], deadline: float | None) -> Job:
-        """A validated job for the batcher; bad input raises here, in the caller's thread."""
+    def _prompt_ids(self, prompt: Any) -> list[int]:
+        """The prompt interface: the caller writes the template, so its markers are control tokens."""
         if not isinstance(prompt, str):
             raise _bad(f"'prompt' must be a string, got {type(prompt).__name__}")
-        ids = [int(i) for i in self.tokenizer.encode(prompt)]
+        _check_unicode(prompt, "'prompt'")
+        self._check_size(len(prompt), "the prompt holds")
+        return self.marked.encode(prompt, add_special_tokens=True).ids
+
+    def _job(self, ids: list[int], request: dict[str, Any], deadline: float | None) -> Job:
+        """A validated job for the batcher; bad input raises here, in the caller's thread."""
         return Job(ids, self._decoding(request, len(ids)), deadline)
 
     def _run(self, jobs: list[Job]) -> list[Completion]:
@@ -544,11 +641,7 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
                     "finish_reason": completion.finish_reason,
                 }
             ],
-            "usage": {
-                "prompt_tokens": completion.prompt_tokens,
-                "completion_tokens": completion.completion_tokens,
-                "total_tokens": completion.prompt_tokens + completion.completion_tokens,
-            },
+            "usage": _usage(completion),
         }
 
     # ---- pyfunc API ----------------------------------------------------------------------------
@@ -556,7 +649,7 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
     def _chat_request(self, request: dict[str, Any], streaming: bool = False) -> dict[str, Any]:
         unknown = sorted(set(request) - CHAT_FIELDS)
         if unknown:
-            raise _bad(f"unsupported field(s) {', '.join(map(repr, unknown))}; this model takes {', '.join(sorted(CHAT_FIELDS))}")
+            raise _bad(f"unsupported field(s) {', '.join(map(_shown, unknown[:10]))}; this model takes {', '.join(sorted(CHAT_FIELDS))}")
         if request.get("n", 1) != 1:
             raise _bad("only n=1 is supported")
         if request.get("stream") and not streaming:
@@ -570,8 +663,8 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
             # The seed's interface: one string per row; decoding options come as params.
             options = dict(params or {})
             if unknown := sorted(set(options) - PROMPT_PARAMS):
-                raise _bad(f"unsupported param(s) {', '.join(map(repr, unknown))}; this model takes {', '.join(sorted(PROMPT_PARAMS))}")
-            jobs = [self._job(prompt, options, deadline) for prompt in self._prompts(requests)]
+                raise _bad(f"unsupported param(s) {', '.join(map(_shown, unknown[:10]))}; this model takes {', '.join(sorted(PROMPT_PARAMS))}")
+            jobs = [self._job(self._prompt_ids(prompt), options, deadline) for prompt in self._prompts(requests)]
             return [completion.text for completion in self._run(jobs)]
         requests = [self._chat_request({**(params or {}), **request}) for request in requests]
         jobs = [self._job(self._chat_prompt(request.get("messages")), request, deadline) for request in requests]
@@ -588,20 +681,28 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
         job.streaming = True
         self.batcher.submit([job])
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        for piece, completion, final in job.results():
-            yield {
-                "id": chunk_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": {"role": "assistant", "content": piece},
-                        "finish_reason": completion.finish_reason if final else None,
-                    }
-                ],
-            }
+        # Closed explicitly: a consumer that stops reading this stream cancels the job at once.
+        with contextlib.closing(job.results()) as events:
+            for piece, completion, final in events:
+                yield self._chunk(chunk_id, created, piece, completion, final)
+
+    def _chunk(self, chunk_id: str, created: int, piece: str, completion: Completion, final: bool) -> dict[str, Any]:
+        chunk = {
+            "id": chunk_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": self.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": piece},
+                    "finish_reason": completion.finish_reason if final else None,
+                }
+            ],
+        }
+        if final:  # what was fed and generated, as in a chat.completion
+            chunk["usage"] = _usage(completion)
+        return chunk
 
 
 mlflow.models.set_model(Phi3OnnxModel())

@@ -76,6 +76,18 @@ ONNX_THREADS_AUTO = "auto"
 ONNX_THREADS_ENV = "PHI3_ONNX_THREADS"
 TAG_ONNX_THREADS = "phi3.onnx_threads"  # the logged value: "auto" or a number
 
+# serve: the OpenAI-compatible server (phi3flow/server.py)
+SERVE_DEFAULT_MODEL_URI = "models:/phi3-onnx@champion"
+SERVE_DEFAULT_HOST = "127.0.0.1"
+SERVE_DEFAULT_PORT = 8000
+SERVE_API_KEY_ENV = "PHI3FLOW_API_KEY"  # when set, every /v1 and /invocations request needs it as a Bearer key
+SERVE_MAX_BODY_BYTES_ENV = "PHI3FLOW_MAX_BODY_BYTES"
+SERVE_MAX_BODY_BYTES = 1 << 20  # a request body above this is refused (413) before it is parsed
+SERVE_REQUEST_TIMEOUT_ENV = "PHI3FLOW_REQUEST_TIMEOUT_S"
+SERVE_REQUEST_TIMEOUT_S = 300.0  # a request still generating then is stopped (504)
+SERVE_SHUTDOWN_GRACE_S = 30  # after SIGTERM, in-flight requests get this long before they are cancelled
+SERVE_MAX_STOP = 4  # stop sequences per request, as OpenAI's API allows
+
 # evaluate
 BUNDLED_EVAL_DATA = "bundled"  # the eval_data value that means data/eval_bundled.jsonl
 BUNDLED_EVAL_FILE = "data/eval_bundled.jsonl"  # relative to the project root
