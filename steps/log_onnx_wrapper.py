@@ -21,7 +21,7 @@ from phi3flow.onnx_convert import EXECUTION_PROVIDERS, PRECISIONS, check_options
 @click.option("--interface", default="chat", show_default=True, help=f"One of {', '.join(onnx_model.INTERFACES)}.")
 @click.option("--registered-model-name", default="", help="Also register the model under this name.")
 def main(fetch_run_id: str, precision: str, execution_provider: str, interface: str, registered_model_name: str) -> None:
-    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+    with mlflow.start_run(run_name="log_onnx_wrapper") as run, tempfile.TemporaryDirectory() as tmp:
         check_options(precision, execution_provider)
         onnx_model.check_interface(interface)
         fetched = download_fetched_model(fetch_run_id, Path(tmp) / "fetched")
