@@ -25,7 +25,7 @@ sys.path.insert(0, str(PROJECT))
 from phi3flow import local_server, settings  # noqa: E402
 
 BIN = Path(sys.executable).parent
-WINDOW = "1500,1000"
+WINDOW = (1900, 1000)  # wide: MLflow 3.17 keeps its assistant panel open beside every page
 EVAL_ROWS = 6  # a few prompts of the bundled set: enough for the tables, charts and traces
 # The UI is a single-page app that fetches after the page loads: let it run this long before the shot.
 SETTLE_MS = 20000
@@ -41,10 +41,10 @@ def chromium() -> str:
     return found
 
 
-def screenshot(browser: str, url: str, out: Path, profile: Path) -> None:
+def screenshot(browser: str, url: str, out: Path, profile: Path, height: int) -> None:
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={profile}", f"--virtual-time-budget={SETTLE_MS}", f"--window-size={WINDOW}",
+           f"--user-data-dir={profile}", f"--virtual-time-budget={SETTLE_MS}", f"--window-size={WINDOW[0]},{height}",
            f"--screenshot={out}", url]
     subprocess.run(cmd, check=True, capture_output=True, timeout=180)
     print(f"{out.relative_to(PROJECT)}  <-  {url}", flush=True)
@@ -81,17 +81,17 @@ def main() -> None:
         champion = evaluation.data.tags[settings.TAG_CHAMPION]
         name, _, version = champion.rpartition("/")
         run_page = f"{url}/#/experiments/{experiment.experiment_id}/runs/{evaluation.info.run_id}"
-        pages = {
-            "runs.png": f"{url}/#/experiments/{experiment.experiment_id}/runs?{MODE}",
-            "evaluate_run.png": f"{run_page}?{MODE}",
-            "evaluate_traces.png": f"{run_page}/traces?{MODE}",
-            "comparison.png": f"{run_page}/artifacts/comparison/comparison.md?{MODE}",
-            "champion_version.png": f"{url}/#/models/{name}/versions/{version}?{MODE}",
+        pages = {  # file: (page, window height)
+            "runs.png": (f"{url}/#/experiments/{experiment.experiment_id}/runs?{MODE}", 600),
+            "evaluate_run.png": (f"{run_page}?{MODE}", 1500),  # tall enough for the description
+            "evaluate_traces.png": (f"{run_page}/traces?{MODE}", WINDOW[1]),
+            "comparison.png": (f"{run_page}/artifacts/comparison/comparison.md?{MODE}", 750),
+            "champion_version.png": (f"{url}/#/models/{name}/versions/{version}?{MODE}", 800),
         }
         args.out.mkdir(parents=True, exist_ok=True)
-        for file, page in pages.items():
+        for file, (page, height) in pages.items():
             profile = root / f"chromium-{file}"  # a new empty profile per shot: nothing cached in between
-            screenshot(browser, page, args.out / file, profile)
+            screenshot(browser, page, args.out / file, profile, height)
         if args.keep:
             print(f"the server is up at {url}; Ctrl-C stops it", flush=True)
             server.wait()
