@@ -153,7 +153,7 @@ class Chain:
         try:
             submitted = mlflow.projects.run(
                 str(self.project_dir), entry_point, parameters=params, experiment_id=self.experiment_id,
-                env_manager=self.env_manager, synchronous=True,
+                env_manager=self.env_manager, synchronous=True, run_name=entry_point,
             )
         except ExecutionException as exc:  # the step has printed its own error; its run is FAILED
             raise UserError(f"step {entry_point} failed: {exc}") from None

@@ -81,14 +81,23 @@ def _row(record: dict, where: str) -> EvalRow:
 
 def _read_jsonl(path: Path) -> list[EvalRow]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Bytes, split at line ends only: a file in another encoding, or no text at all, is refused at its
+    # first bad line, and a U+2028 inside a JSON string does not end a line.
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path.name} line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                            "save the file as UTF-8") from None
         if not line.strip():
             continue
-        where = f"{path.name} line {number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise UserError(f"{where}: not valid JSON (nested too deeply)") from None
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected an object with '{FIELDS[0]}' and '{FIELDS[1]}'")
         rows.append(_row(record, where))
@@ -109,11 +118,17 @@ def _read_table(path: Path) -> list[EvalRow]:
     return [_row(record, f"{path.name} {where.format(i + offset)}") for i, record in enumerate(frame.to_dict(orient="records"))]
 
 
-def load_eval_data(source: str, workdir: Path) -> EvalData:
+def load_eval_data(source: str, workdir: Path, max_rows: int = settings.EVAL_MAX_ROWS) -> EvalData:
+    """The rows of source; a set of more than max_rows rows is refused (each row is a request to each model)."""
+    if max_rows < 1:
+        raise UserError(f"max_rows must be at least 1, not {max_rows}")
     path = _local_file(source, workdir)
     if path.suffix not in FORMATS:
         raise UserError(f"eval_data must be a {', '.join(FORMATS)} file, not '{path.name}'")
     rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_table(path)
     if not rows:
         raise UserError(f"eval_data '{source}' holds no rows")
+    if len(rows) > max_rows:
+        raise UserError(f"eval_data '{source}' holds {len(rows)} rows, more than max_rows={max_rows}: "
+                        "evaluate a sample of it, or raise max_rows (each row is one request to each model)")
     return EvalData(rows=rows, source=source, digest=hashlib.sha256(path.read_bytes()).hexdigest())

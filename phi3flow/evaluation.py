@@ -12,6 +12,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,8 +159,10 @@ def evaluate_model(
     *,
     logged_model_id: str | None = None,
     peer_answers: list[str] | None = None,
+    detail: str = "",
 ) -> ModelScores:
-    """Run mlflow.genai.evaluate on one model in a child run named after label; greedy decoding.
+    """Run mlflow.genai.evaluate on one model in a child run named after label (and detail, what tells
+    the model apart: its precision, or its version); greedy decoding.
 
     peer_answers (another model's answers to the same rows) adds the agreement scorers.
     """
@@ -168,6 +171,8 @@ def evaluate_model(
     answers: dict[str, str] = {}
     failures: list[str] = []
     lock = threading.Lock()
+    progress = Progress(label, len(rows))
+    model_tags = {settings.TAG_MODEL_LABEL: label, settings.TAG_MODEL_VERSION: detail or model_uri}
 
     @mlflow.trace(name=label, span_type=SpanType.CHAT_MODEL)
     def predict(messages: list[dict[str, str]]) -> dict[str, Any]:
@@ -182,6 +187,11 @@ def evaluate_model(
             raise
         with lock:
             answers[json.dumps(messages)] = content(answer)
+        # MLflow first calls predict once untraced, to check it: that call is not a row of the evaluation.
+        if mlflow.get_current_active_span() is not None:
+            mlflow.update_current_trace(tags=model_tags)  # the traces of both models can be told apart anywhere
+            with lock:
+                progress.row_done()
         return answer
 
     data = []
@@ -194,7 +204,7 @@ def evaluate_model(
 
     # One request at a time: the latencies measure the model, not contention between requests.
     os.environ["MLFLOW_GENAI_EVAL_MAX_WORKERS"] = "1"
-    with mlflow.start_run(run_name=label, nested=True) as child:
+    with mlflow.start_run(run_name=f"{label} · {detail}" if detail else label, nested=True, tags=model_tags) as child:
         print(f"[{label}] answering {len(rows)} prompts (max_tokens={max_tokens}, greedy) ...", flush=True)
         try:
             result = mlflow.genai.evaluate(data=data, predict_fn=predict, scorers=scorers, model_id=logged_model_id)
@@ -208,6 +218,22 @@ def evaluate_model(
         raise RuntimeError(f"{label}: scorers produced no value for {', '.join(missing)}; see the traces of run {child.info.run_id}")
     ordered = [answers[json.dumps(row.messages)] for row in rows]
     return ModelScores(label, model_uri, child.info.run_id, dict(result.metrics), ordered)
+
+
+class Progress:
+    """A line every settings.EVAL_PROGRESS_EVERY_S: rows answered and the time the rest should take."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done = label, total, 0
+        self.started = self.last_print = time.monotonic()
+
+    def row_done(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last_print >= settings.EVAL_PROGRESS_EVERY_S and self.done < self.total:
+            self.last_print = now
+            left = (now - self.started) / self.done * (self.total - self.done)
+            print(f"[{self.label}] {self.done}/{self.total} prompts in {now - self.started:.0f} s, about {left:.0f} s left", flush=True)
 
 
 # ---- the evaluate step: both models, the comparison, the champion -------------------------------
@@ -258,34 +284,118 @@ def evaluate_and_promote(
 
     # ONNX first: it refuses a max_tokens that does not fit the context at once, where transformers
     # would generate on. The pipeline then scores its agreement with the ONNX answers.
-    onnx_scores = evaluate_model("onnx", onnx.uri, data.rows, max_tokens, logged_model_id=onnx.model_id)
+    onnx_scores = evaluate_model("onnx", onnx.uri, data.rows, max_tokens, logged_model_id=onnx.model_id,
+                                 detail=onnx.run.data.params.get("precision", ""))
     scores, registered = [onnx_scores], [(onnx, onnx_model_name)]
     if pipeline is None:
         print("no pipeline model (a prebuilt ONNX source): the ONNX model is evaluated alone", flush=True)
     else:
         pipeline_scores = evaluate_model("pipeline", pipeline.uri, data.rows, max_tokens, logged_model_id=pipeline.model_id,
-                                         peer_answers=onnx_scores.answers)
+                                         peer_answers=onnx_scores.answers, detail=pipeline.run.data.params.get("dtype", ""))
+        share_agreement(pipeline_scores, onnx_scores)
         scores.insert(0, pipeline_scores)
         registered.insert(0, (pipeline, pipeline_model_name))
     versions = [registry.register(model, name) for model, name in registered]
     candidates = [_candidate(s, v) for s, v in zip(scores, versions)]
 
-    champion = None
-    if champion_before is not None:
-        champion = next((c for c in candidates if registry.same_version(c.version, champion_before)), None)
-        if champion is None:  # re-measure the champion now, on the same data and machine
-            held = evaluate_model("champion", f"models:/{champion_before.name}/{champion_before.version}", data.rows, max_tokens)
-            scores.append(held)
-            champion = _candidate(held, champion_before)
-    decision = registry.decide(candidates, champion, tolerance)
-    registry.apply(decision, names)
+    decision, champion, compared = promote(candidates, champion_before, scores, data, max_tokens, tolerance, names)
     client = mlflow.MlflowClient()
-    run_id = mlflow.active_run().info.run_id
+    run = mlflow.active_run()
+    mlflow.set_tag(settings.TAG_COMPARED_CHAMPION, registry.ref_of(compared))
+    link_traces(scores, run.info.run_id)
     for version in versions:
-        client.set_model_version_tag(version.name, version.version, settings.TAG_EVAL_RUN_ID, run_id)
+        client.set_model_version_tag(version.name, version.version, settings.TAG_EVAL_RUN_ID, run.info.run_id)
+        client.set_model_version_tag(version.name, version.version, settings.TAG_COMPARED_CHAMPION, registry.ref_of(compared))
 
     log_comparison(scores, candidates, champion, decision, workdir)
+    describe(run.info, scores, candidates, champion, decision, compared, data)
     return Outcome(scores, decision)
+
+
+def share_agreement(compared: ModelScores, peer: ModelScores) -> None:
+    """Agreement is symmetric (identical answers, bag-of-words F1): the peer gets the same values, on
+    its run too, so that comparing the two runs compares every metric."""
+    client = mlflow.MlflowClient()
+    for name in metric_names(AGREEMENT_SCORERS):
+        peer.metrics[name] = compared.metrics[name]
+        client.log_metric(peer.run_id, name, compared.metrics[name])
+
+
+def measure_champion(held: ModelVersion | None, candidates: list[registry.Candidate], scores: list[ModelScores],
+                     data: EvalData, max_tokens: int) -> registry.Candidate | None:
+    """The champion as a candidate, measured in this evaluation: one of the candidates, or re-measured
+    now on the same data and machine (its scores replace an earlier re-measure in scores)."""
+    if held is None:
+        return None
+    champion = next((c for c in candidates if registry.same_version(c.version, held)), None)
+    if champion is not None:
+        return champion
+    ref = registry.ref_of(held)
+    measured = evaluate_model("champion", f"models:/{ref}", data.rows, max_tokens, detail=ref)
+    scores[:] = [s for s in scores if s.label != "champion"] + [measured]
+    return _candidate(measured, held)
+
+
+def promote(candidates: list[registry.Candidate], champion_before: ModelVersion | None, scores: list[ModelScores],
+            data: EvalData, max_tokens: int, tolerance: float, names: list[str],
+            ) -> tuple[registry.Decision, registry.Candidate | None, ModelVersion | None]:
+    """Decide against the champion and move the alias only if it still points there (compare-and-set);
+    when another evaluation moved it meanwhile, measure the new champion and decide again.
+
+    Returns the decision, the champion as measured, and the version it was (None: there was none).
+    """
+    expected = champion_before
+    for _ in range(settings.PROMOTION_ATTEMPTS):
+        champion = measure_champion(expected, candidates, scores, data, max_tokens)
+        decision = registry.decide(candidates, champion, tolerance)
+        try:
+            registry.apply(decision, names, expected)
+            return decision, champion, expected
+        except registry.ChampionMoved as moved:
+            print(f"{moved}: measuring {registry.ref_of(moved.found)} and deciding again", flush=True)
+            expected = moved.found
+    raise UserError(f"the champion alias moved {settings.PROMOTION_ATTEMPTS} times while this evaluation ran "
+                    f"(now {registry.ref_of(registry.current_champion(names))}): nothing promoted, run it again")
+
+
+def link_traces(scores: list[ModelScores], run_id: str) -> None:
+    """Link every model's traces (logged in its child run) to the evaluate run, so its Traces tab lists them."""
+    client = mlflow.MlflowClient()
+    experiment_id = mlflow.active_run().info.experiment_id
+    for s in scores:
+        traces = mlflow.search_traces(locations=[experiment_id], run_id=s.run_id, return_type="list")
+        ids = [t.info.trace_id for t in traces]
+        for start in range(0, len(ids), 100):  # the tracking API links at most 100 per request
+            client.link_traces_to_run(ids[start:start + 100], run_id)
+
+
+def describe(run: mlflow.entities.RunInfo, scores: list[ModelScores], candidates: list[registry.Candidate],
+             champion: registry.Candidate | None, decision: registry.Decision, compared: ModelVersion | None, data: EvalData) -> None:
+    """The descriptions the MLflow UI shows: the evaluate run's, and each registered version's."""
+    children = {s.label: (mlflow.MlflowClient().get_run(s.run_id).info.run_name, s.run_id) for s in scores}
+    note = report.evaluation_note(
+        run.experiment_id, decision.action, decision.reason, decision.champion.ref, registry.ref_of(compared),
+        [c.ref for c in candidates], _table(scores, candidates, champion),
+        {name: scores[0].metrics[name] for name in metric_names(AGREEMENT_SCORERS) if name in scores[0].metrics}, children,
+        f"{len(data.rows)} prompts from `{data.source}` (sha256 {data.digest[:12]})",
+    )
+    mlflow.set_tag(report.NOTE_TAG, note)
+    client = mlflow.MlflowClient()
+    for c, s in zip(candidates, scores):
+        is_champion = registry.same_version(c.version, decision.champion.version)
+        client.update_model_version(c.version.name, c.version.version, report.version_note(
+            run.experiment_id, run.run_id, run.run_name, s.metrics, is_champion, decision.reason, registry.ref_of(compared)))
+
+
+def _table(scores: list[ModelScores], candidates: list[registry.Candidate], champion: registry.Candidate | None):
+    """The comparison table: one row per evaluated model, with its version and every quality and cost metric."""
+    refs = {c.label: c.ref for c in candidates}
+    if champion is not None:
+        refs.setdefault("champion", champion.ref)
+    return report.comparison_table([
+        {"model": s.label, "version": refs[s.label], **{name: s.metrics[name] for name in metric_names(QUALITY_SCORERS + COST_SCORERS)}}
+        for s in scores
+    ])
 
 
 def log_comparison(
@@ -295,25 +405,20 @@ def log_comparison(
     decision: registry.Decision,
     workdir: Path,
 ) -> None:
-    """Metrics named `<model>/<scorer>/<aggregation>`, the table, the chart and the decision."""
-    refs = {c.label: c.ref for c in candidates}
-    if champion is not None:
-        refs.setdefault("champion", champion.ref)
-    rows = []
+    """Metrics named `<model>/<scorer>/<aggregation>`, the tables, the charts and the decision."""
     for s in scores:
         mlflow.log_metrics({f"{s.label}/{name}": value for name, value in s.metrics.items()})
-        rows.append({"model": s.label, "version": refs[s.label],
-                     **{name: s.metrics[name] for name in metric_names(QUALITY_SCORERS + COST_SCORERS)}})
     compared = next((s.metrics for s in scores if "agreement_exact/mean" in s.metrics), None)
     if compared is not None:  # None: one model evaluated alone, nothing to agree with
         mlflow.log_metrics({
             "agreement/exact": compared["agreement_exact/mean"],
             "agreement/token_overlap": compared["agreement_token_overlap/mean"],
         })
-    table = report.comparison_table(rows)
-    mlflow.log_text(report.to_markdown(table), "comparison/comparison.md")
+    table = _table(scores, candidates, champion)
+    mlflow.log_text(report.split_markdown(table), "comparison/comparison.md")
     mlflow.log_text(table.to_csv(), "comparison/comparison.csv")
     mlflow.log_artifact(str(report.speed_chart(table, workdir / "speed.png")), "comparison")
+    mlflow.log_artifact(str(report.quality_chart(table, workdir / "quality.png")), "comparison")
     mlflow.set_tags({
         settings.TAG_CHAMPION: decision.champion.ref,
         settings.TAG_CHAMPION_DECISION: decision.action,

@@ -107,9 +107,35 @@ def decide(candidates: list[Candidate], champion: Candidate | None, tolerance: f
     )
 
 
-def apply(decision: Decision, names: list[str]) -> None:
-    """Point the alias at the decided champion and take it off every other registered name."""
+class ChampionMoved(Exception):
+    """The alias no longer points where the evaluation found it: another evaluation promoted meanwhile."""
+
+    def __init__(self, expected: ModelVersion | None, found: ModelVersion | None):
+        super().__init__(f"the champion moved from {ref_of(expected)} to {ref_of(found)} while this evaluation ran")
+        self.expected, self.found = expected, found
+
+
+def ref_of(version: ModelVersion | None) -> str:
+    """'<name>/<version>', or 'none' for no champion."""
+    return f"{version.name}/{version.version}" if version is not None else "none"
+
+
+def _same_holder(a: ModelVersion | None, b: ModelVersion | None) -> bool:
+    return ref_of(a) == ref_of(b)
+
+
+def apply(decision: Decision, names: list[str], expected: ModelVersion | None) -> None:
+    """Compare-and-set: point the alias at the decided champion (and take it off every other registered
+    name) only if it still points at expected, the champion this evaluation compared against.
+
+    ChampionMoved when it does not. The registry has no atomic compare-and-set for aliases: the check
+    runs just before the move and again just after it, which leaves one request's time in which two
+    promotions can cross unseen (both then see the other's move afterwards and re-measure).
+    """
     client = mlflow.MlflowClient()
+    current = current_champion(names)
+    if not _same_holder(current, expected):
+        raise ChampionMoved(expected, current)
     winner = decision.champion.version
     client.set_registered_model_alias(winner.name, settings.CHAMPION_ALIAS, winner.version)
     for name in names:
@@ -118,3 +144,6 @@ def apply(decision: Decision, names: list[str]) -> None:
                 client.delete_registered_model_alias(name, settings.CHAMPION_ALIAS)
             except MlflowException:  # that model never held it
                 pass
+    now = current_champion(names)
+    if not _same_holder(now, winner):
+        raise ChampionMoved(winner, now)

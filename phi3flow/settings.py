@@ -129,6 +129,17 @@ CODE_FILES = ("MLproject", "python_env.yaml", "conda.yaml", "pyproject.toml")
 CODE_DIRS = ("steps", "phi3flow", "data")
 
 
+# What the MLflow UI shows: run names, the default experiment, descriptions, the promotion's compare-and-set
+DEFAULT_EXPERIMENT_NAME = "phi3flow"  # where `mlflow run .` lands unless MLFLOW_EXPERIMENT_NAME/_ID or --experiment-name say otherwise
+TAG_MODEL_LABEL = "phi3.model"  # on a trace and an evaluation child run: which model answered ("onnx", "pipeline", "champion")
+TAG_MODEL_VERSION = "phi3.model_version"  # on a trace and an evaluation child run: the evaluated "<name>/<version>" or models:/ URI
+TAG_COMPARED_CHAMPION = "phi3.compared_champion"  # on an evaluate run and the versions it scored: the champion it measured against
+PROMOTION_ATTEMPTS = 3  # how often evaluate re-measures a champion that moved meanwhile before it gives up
+EVAL_MAX_ROWS = 1000  # evaluate refuses larger sets unless max_rows is raised: each row is one request per model
+EVAL_PROGRESS_EVERY_S = 10.0  # how often evaluate prints its progress and the time it expects to need
+COMPARISON_DIGITS = 4  # significant digits of the numbers in descriptions and the comparison tables
+
+
 def pinned(*distributions: str) -> list[str]:
     """`name==version` of installed distributions: the explicit pip requirements of a logged model."""
     from importlib.metadata import version

@@ -17,7 +17,7 @@ from phi3flow.errors import run_step
               help=f"Hub id (owner/name[/subfolder]), a local folder, or {settings.BUILTIN_TINY}.")
 @click.option("--revision", default=settings.DEFAULT_REVISION, show_default=True, help="Hub branch, tag or commit.")
 def main(model_id: str, revision: str) -> None:
-    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+    with mlflow.start_run(run_name="fetch_model") as run, tempfile.TemporaryDirectory() as tmp:
         source = fetch.resolve(model_id, revision, Path(tmp))
         architecture = fetch.architecture_of(source.path)
         print("checking config, tokenizer and weight headers ...", flush=True)

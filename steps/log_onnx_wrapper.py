@@ -24,7 +24,7 @@ from phi3flow.threads import parse_threads
 @click.option("--threads", default=settings.ONNX_THREADS_AUTO, show_default=True,
               help="onnxruntime threads: 'auto' (the CPUs the loading process may run on) or a number.")
 def main(fetch_run_id: str, precision: str, execution_provider: str, interface: str, registered_model_name: str, threads: str) -> None:
-    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+    with mlflow.start_run(run_name="log_onnx_wrapper") as run, tempfile.TemporaryDirectory() as tmp:
         check_options(precision, execution_provider)
         onnx_model.check_interface(interface)
         parse_threads(threads)  # a bad value fails before the download and conversion

@@ -21,7 +21,7 @@ from phi3flow.pipeline_model import DTYPES, check_dtype, log_pipeline_model
 @click.option("--dtype", default="float32", show_default=True, help=f"One of {', '.join(DTYPES)}.")
 @click.option("--registered-model-name", default="", help="Also register the model under this name.")
 def main(fetch_run_id: str, max_tokens: int, sampling: bool, dtype: str, registered_model_name: str) -> None:
-    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+    with mlflow.start_run(run_name="log_pipeline") as run, tempfile.TemporaryDirectory() as tmp:
         check_dtype(dtype)
         fetched = download_fetched_model(fetch_run_id, Path(tmp))
         mlflow.set_tags(fetched.lineage_tags)

@@ -33,7 +33,7 @@ def _interrupt(signum: int, frame: object) -> None:
 @click.option("--env-manager", default="", help="Env manager of the steps; empty: the one main was started with.")
 def main(model_id: str, revision: str, precision: str, interface: str, eval_data: str, force: bool, env_manager: str) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
-    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+    with mlflow.start_run(run_name="main") as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tag(settings.TAG_OWNER, chain.owner())
         client = mlflow.MlflowClient()
         stale = chain.mark_stale_runs(client, run.info.experiment_id)

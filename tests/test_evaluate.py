@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import matplotlib.image
@@ -15,11 +16,12 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from conftest import assert_failed_with, assert_ok, mlflow_run
+from servers import MlflowServer
 from phi3flow import settings
 from phi3flow.errors import UserError
 from phi3flow.eval_data import PROJECT_ROOT, load_eval_data
-from phi3flow.evaluation import AGREEMENT_SCORERS, COST_SCORERS, QUALITY_SCORERS, metric_names, rouge_l_f1, token_overlap_f1
-from phi3flow.registry import Candidate, decide
+from phi3flow.evaluation import AGREEMENT_SCORERS, Progress, COST_SCORERS, QUALITY_SCORERS, metric_names, rouge_l_f1, token_overlap_f1
+from phi3flow.registry import Candidate, ChampionMoved, Decision, apply, decide
 
 BUNDLED_ROWS = len((PROJECT_ROOT / settings.BUNDLED_EVAL_FILE).read_text().splitlines())
 NAMES = {"pipeline_model_name": "eval-pipeline", "onnx_model_name": "eval-onnx"}
@@ -67,6 +69,8 @@ def test_every_metric_is_logged_and_sane(bundled, pipeline_run, onnx_fp32_run):
     assert metrics["agreement/exact"] == 1.0
     assert metrics["agreement/token_overlap"] == 1.0
     assert metrics["pipeline/agreement_exact/mean"] == 1.0
+    assert metrics["onnx/agreement_exact/mean"] == 1.0  # agreement is logged for both models
+    assert metrics["onnx/agreement_token_overlap/mean"] == 1.0
 
 
 def test_each_model_has_a_child_run_with_one_trace_per_row(bundled):
@@ -74,7 +78,9 @@ def test_each_model_has_a_child_run_with_one_trace_per_row(bundled):
     children = mlflow.search_runs(
         experiment_ids=[run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{bundled.run_id}'", output_format="list"
     )
-    assert sorted(c.info.run_name for c in children) == ["onnx", "pipeline"]
+    # Named after the model and its precision (the fixtures log an fp32 ONNX model and a float32 pipeline).
+    assert sorted(c.info.run_name for c in children) == ["onnx · fp32", "pipeline · float32"]
+    assert run.info.run_name == "evaluate"
     for child in children:
         traces = mlflow.search_traces(locations=[run.info.experiment_id], run_id=child.info.run_id, return_type="list")
         assert len(traces) == BUNDLED_ROWS
@@ -84,9 +90,11 @@ def test_each_model_has_a_child_run_with_one_trace_per_row(bundled):
             # Throughput per row is that row's completion tokens over its traced latency.
             assert value["tokens_per_second"] == pytest.approx(value["completion_tokens"] / value["latency_s"])
             assert value["expected_response"]  # the reference, logged as an expectation
-        assert set(metric_names(QUALITY_SCORERS + COST_SCORERS)) <= set(child.data.metrics)
-    compared = next(c for c in children if c.info.run_name == "pipeline")  # with the ONNX answers
-    assert set(metric_names(AGREEMENT_SCORERS)) <= set(compared.data.metrics)
+            assert trace.info.tags[settings.TAG_MODEL_LABEL] == child.data.tags[settings.TAG_MODEL_LABEL]
+        assert set(metric_names(QUALITY_SCORERS + COST_SCORERS + AGREEMENT_SCORERS)) <= set(child.data.metrics)
+    # Every trace is linked to the evaluate run too: its Traces tab lists both models' answers.
+    linked = mlflow.search_traces(locations=[run.info.experiment_id], run_id=bundled.run_id, return_type="list")
+    assert sorted(t.info.tags[settings.TAG_MODEL_LABEL] for t in linked) == sorted(["onnx", "pipeline"] * BUNDLED_ROWS)
 
 
 def test_comparison_table_and_chart_are_logged(bundled, tmp_path):
@@ -99,13 +107,18 @@ def test_comparison_table_and_chart_are_logged(bundled, tmp_path):
     for label in table.index:
         assert table.loc[label, "rouge_l/mean"] == pytest.approx(metrics[f"{label}/rouge_l/mean"])
         assert table.loc[label, "latency_s/p95"] == pytest.approx(metrics[f"{label}/latency_s/p95"])
-    markdown = mlflow.artifacts.load_text(f"{base}/comparison.md").splitlines()
-    assert markdown[0].startswith("| model | version | exact_match/mean")
-    assert len(markdown) == 2 + len(table)
-    png = Path(mlflow.artifacts.download_artifacts(f"{base}/speed.png", dst_path=str(tmp_path)))
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    height, width, _ = matplotlib.image.imread(png).shape
-    assert width > 300 and height > 200
+    # Two narrow tables, rounded, so that MLflow's artifact viewer shows every column.
+    markdown = mlflow.artifacts.load_text(f"{base}/comparison.md")
+    tables = [line for line in markdown.splitlines() if line.startswith("| model |")]
+    assert tables == ["| model | version | exact_match | contains_reference | rouge_l |",
+                      "| model | tokens mean | tokens max | latency s mean | p50 | p95 | tokens/s mean | tokens/s p50 |"]
+    numbers = re.findall(r"\d+\.\d+(?:e-?\d+)?", markdown)
+    assert numbers and all(len(n.split("e")[0].replace(".", "").lstrip("0")) <= settings.COMPARISON_DIGITS for n in numbers)
+    for chart in ("speed.png", "quality.png"):
+        png = Path(mlflow.artifacts.download_artifacts(f"{base}/{chart}", dst_path=str(tmp_path)))
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width, _ = matplotlib.image.imread(png).shape
+        assert width > 300 and height > 200
 
 
 def test_first_evaluation_registers_both_and_crowns_one(bundled):
@@ -114,23 +127,62 @@ def test_first_evaluation_registers_both_and_crowns_one(bundled):
     assert "there was no champion" in tags[settings.TAG_CHAMPION_REASON]
     assert _alias_holder(list(NAMES.values())) == [tags[settings.TAG_CHAMPION]]
     client = mlflow.MlflowClient()
+    run = client.get_run(bundled.run_id)
+    experiment = run.info.experiment_id
+    eval_link = f"](#/experiments/{experiment}/runs/{bundled.run_id})"
+    champion = tags[settings.TAG_CHAMPION]
     for name in NAMES.values():
         [version] = client.search_model_versions(f"name = '{name}'")
         assert version.tags[settings.TAG_EVAL_RUN_ID] == bundled.run_id
+        assert version.tags[settings.TAG_COMPARED_CHAMPION] == "none"
+        # Its description names the evaluation that scored it (a link), its scores and the verdict.
+        assert f"[evaluate{eval_link}" in version.description
+        assert re.search(r"rouge_l \d", version.description)
+        is_champion = f"{name}/{version.version}" == champion
+        assert ("**Champion**" in version.description) == is_champion
+        assert tags[settings.TAG_CHAMPION_REASON] in version.description
+    # The evaluate run's description: verdict, reason, versions and child runs as links, rounded numbers.
+    note = tags["mlflow.note.content"]
+    champion_name, _, champion_version = champion.rpartition("/")
+    assert note.startswith(f"### Champion: [{champion}](#/models/{champion_name}/versions/{champion_version}) (promoted)")
+    assert tags[settings.TAG_CHAMPION_REASON] in note
+    assert tags[settings.TAG_COMPARED_CHAMPION] == "none"
+    for name in NAMES.values():
+        assert f"[{name}/1](#/models/{name}/versions/1)" in note
+    for child in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{bundled.run_id}'"):
+        assert f"[{child.info.run_name}](#/experiments/{experiment}/runs/{child.info.run_id})" in note
+    throughput = run.data.metrics["onnx/tokens_per_second/p50"]
+    assert f"{throughput:.{settings.COMPARISON_DIGITS}g}" in note
 
 
-def test_worse_challengers_do_not_move_the_champion(onnx_fp32_model, pipeline_run, onnx_fp32_run, fetch_run_id, tracking_uri, tmp_path):
-    # References are the fp32 models' own greedy answers, so the fp32 models score 1.0 ...
+OWN_ANSWERS_MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def own_answers(onnx_fp32_model, tmp_path_factory) -> str:
+    """References that are the fp32 models' own greedy answers, so the fp32 models score 1.0 on them."""
     prompts = [json.loads(line)["prompt"] for line in (PROJECT_ROOT / settings.BUNDLED_EVAL_FILE).read_text().splitlines()[:10]]
-    max_tokens = 16
     references = [
-        onnx_fp32_model.predict({"messages": [{"role": "user", "content": p}], "max_tokens": max_tokens})[0]["choices"][0]["message"]["content"]
+        onnx_fp32_model.predict({"messages": [{"role": "user", "content": p}], "max_tokens": OWN_ANSWERS_MAX_TOKENS})[0]["choices"][0]["message"]["content"]
         for p in prompts
     ]
-    data = tmp_path / "own_answers.jsonl"
+    data = tmp_path_factory.mktemp("own") / "own_answers.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in zip(prompts, references)))
+    return str(data)
+
+
+@pytest.fixture(scope="module")
+def challengers(fetch_run_id, tracking_uri) -> dict[str, str]:
+    """A bfloat16 pipeline and an int4 ONNX model: they really answer differently from the fp32 ones.
+    The pipeline samples by default: evaluation must still decode it greedily."""
+    bf16 = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id, "dtype": "bfloat16", "sampling": "true"}, tracking_uri)
+    int4 = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id}, tracking_uri)
+    return {"pipeline_run_id": assert_ok(bf16), "onnx_run_id": assert_ok(int4)}
+
+
+def test_worse_challengers_do_not_move_the_champion(own_answers, challengers, pipeline_run, onnx_fp32_run, tracking_uri):
     names = {"pipeline_model_name": "gate-pipeline", "onnx_model_name": "gate-onnx"}
-    common = {"eval_data": str(data), "max_tokens": str(max_tokens), **names}
+    common = {"eval_data": own_answers, "max_tokens": str(OWN_ANSWERS_MAX_TOKENS), **names}
     first = mlflow_run("evaluate", {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id, **common}, tracking_uri)
     assert_ok(first)
     client = mlflow.MlflowClient()
@@ -140,11 +192,8 @@ def test_worse_challengers_do_not_move_the_champion(onnx_fp32_model, pipeline_ru
     champion = first_run.data.tags[settings.TAG_CHAMPION]
     assert _alias_holder(list(names.values())) == [champion]
 
-    # ... and the challengers, a bfloat16 pipeline and an int4 ONNX model, really answer differently.
-    # The pipeline samples by default: evaluation must still decode it greedily.
-    bf16 = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id, "dtype": "bfloat16", "sampling": "true"}, tracking_uri)
-    int4 = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id}, tracking_uri)
-    second = mlflow_run("evaluate", {"pipeline_run_id": assert_ok(bf16), "onnx_run_id": assert_ok(int4), **common}, tracking_uri)
+    # ... and the challengers score less.
+    second = mlflow_run("evaluate", {**challengers, **common}, tracking_uri)
     assert_ok(second)
     run = client.get_run(second.run_id)
     best = max(run.data.metrics["pipeline/rouge_l/mean"], run.data.metrics["onnx/rouge_l/mean"])
@@ -154,8 +203,60 @@ def test_worse_challengers_do_not_move_the_champion(onnx_fp32_model, pipeline_ru
     assert run.data.tags[settings.TAG_CHAMPION_DECISION] == "rejected"
     assert f"regresses against champion {champion}" in run.data.tags[settings.TAG_CHAMPION_REASON]
     assert run.data.tags[settings.TAG_CHAMPION] == champion
+    assert run.data.tags[settings.TAG_COMPARED_CHAMPION] == champion
     assert _alias_holder(list(names.values())) == [champion]  # not moved
+    [challenger] = client.search_model_versions(f"name = 'gate-onnx' and run_id = '{challengers['onnx_run_id']}'")
+    assert challenger.description.startswith("Scored by the evaluation [evaluate](")
+    assert f"Not the champion after that evaluation (compared against [{champion}]" in challenger.description
     assert client.search_model_versions("name = 'gate-onnx'")  # the challengers are registered all the same
+
+
+@pytest.fixture(scope="module")
+def server(tracking_uri, tmp_path_factory):
+    """A real `mlflow server` on the session's tracking store: what two machines without a shared lock talk to."""
+    with MlflowServer(tmp_path_factory.mktemp("server"), tracking_uri) as running:
+        yield running
+
+
+def test_promotion_is_a_compare_and_set(server, tracking_uri):
+    mlflow.set_tracking_uri(server.url)
+    try:
+        client = mlflow.MlflowClient()
+        client.create_registered_model("cas-model")
+        with mlflow.start_run() as holder:
+            source = f"runs:/{holder.info.run_id}/model"
+        first, second = (client.create_model_version("cas-model", source, holder.info.run_id) for _ in range(2))
+
+        def promote(version: ModelVersion, expected: ModelVersion | None) -> None:
+            apply(Decision("promoted", Candidate("onnx", version, 1.0, 1.0), "test"), ["cas-model"], expected)
+
+        promote(first, None)
+        with pytest.raises(ChampionMoved, match="the champion moved from none to cas-model/1") as moved:
+            promote(second, None)  # decided against no champion, but cas-model/1 was crowned meanwhile
+        assert moved.value.found.version == first.version
+        assert _alias_holder(["cas-model"]) == ["cas-model/1"]  # not moved
+        promote(second, first)  # decided against the real champion
+        assert _alias_holder(["cas-model"]) == ["cas-model/2"]
+    finally:
+        mlflow.set_tracking_uri(tracking_uri)
+
+
+def test_racing_evaluations_compare_the_champion_against_its_predecessor(server, own_answers, challengers, pipeline_run, onnx_fp32_run, tracking_uri):
+    """Two evaluations of different models started together on one `mlflow server`, no lock between them:
+    the one that promotes second finds the alias moved, measures the new champion, and decides against it."""
+    names = {"pipeline_model_name": "race-pipeline", "onnx_model_name": "race-onnx"}
+    common = {"eval_data": own_answers, "max_tokens": str(OWN_ANSWERS_MAX_TOKENS), **names}
+    pairs = [{"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id}, challengers]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda pair: mlflow_run("evaluate", {**pair, **common}, server.url, timeout=600), pairs))
+    tags = {assert_ok(r): mlflow.MlflowClient().get_run(r.run_id).data.tags for r in results}
+    [first] = [run_id for run_id, t in tags.items() if t[settings.TAG_COMPARED_CHAMPION] == "none"]
+    [second] = [run_id for run_id in tags if run_id != first]
+    first_champion = tags[first][settings.TAG_CHAMPION]
+    assert tags[second][settings.TAG_COMPARED_CHAMPION] == first_champion
+    [late] = [r for r in results if r.run_id == second]
+    assert f"the champion moved from none to {first_champion} while this evaluation ran" in late.stdout
+    assert _alias_holder(list(names.values())) == [tags[second][settings.TAG_CHAMPION]]
 
 
 def _version(name: str, number: int) -> ModelVersion:
@@ -220,6 +321,47 @@ def test_user_files_in_every_format_and_by_artifact_uri(tmp_path):
 def test_malformed_files_name_the_line_or_column(tmp_path, name, text, message):
     with pytest.raises(UserError, match=re.escape(message)):
         load_eval_data(_write(tmp_path, name, text), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        # Latin-1 (not UTF-8) on line 2: the byte of "é"
+        ("latin1.jsonl", '{"prompt": "a", "reference": "b"}\n{"prompt": "café?", "reference": "d"}\n'.encode("latin-1"),
+         "latin1.jsonl line 2: not UTF-8 text (byte 0xe9 at column 16); save the file as UTF-8"),
+        ("utf16.jsonl", '{"prompt": "a", "reference": "b"}\n'.encode("utf-16"), "utf16.jsonl line 1: not UTF-8 text (byte 0xff at column 1)"),
+        ("junk.jsonl", bytes(range(256)) * 4, "junk.jsonl line 1: not valid JSON"),
+        ("junk.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00", "junk.jsonl line 1: not UTF-8 text (byte 0x89 at column 1)"),
+        ("deep.jsonl", b"[" * 100_000, "deep.jsonl line 1: not valid JSON"),
+        ("latin1.csv", "prompt,reference\ncafé?,b\n".encode("latin-1"), "latin1.csv: cannot read it as csv"),
+        ("junk.parquet", bytes(range(256)), "junk.parquet: cannot read it as parquet"),
+    ],
+)
+def test_every_bad_file_gets_one_line(tmp_path, name, data, message):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(UserError, match=re.escape(message)) as refused:
+        load_eval_data(str(tmp_path / name), tmp_path)
+    assert "\n" not in str(refused.value)
+
+
+def test_max_rows_bounds_the_set(tmp_path):
+    assert len(load_eval_data("bundled", tmp_path, max_rows=BUNDLED_ROWS).rows) == BUNDLED_ROWS
+    with pytest.raises(UserError, match=re.escape(f"eval_data 'bundled' holds {BUNDLED_ROWS} rows, more than max_rows=3: "
+                                                  "evaluate a sample of it, or raise max_rows")):
+        load_eval_data("bundled", tmp_path, max_rows=3)
+    with pytest.raises(UserError, match="max_rows must be at least 1, not 0"):
+        load_eval_data("bundled", tmp_path, max_rows=0)
+
+
+def test_progress_line_estimates_the_time_left(monkeypatch, capsys):
+    monkeypatch.setattr(settings, "EVAL_PROGRESS_EVERY_S", 0.0)
+    progress = Progress("onnx", 3)
+    for _ in range(3):
+        progress.row_done()
+    lines = capsys.readouterr().out.splitlines()
+    # One line per row but the last (the step prints the outcome then), with the time left.
+    assert [re.sub(r"\d+ s", "N s", line) for line in lines] == [
+        "[onnx] 1/3 prompts in N s, about N s left", "[onnx] 2/3 prompts in N s, about N s left"]
 
 
 def test_missing_file_is_refused(tmp_path):

@@ -148,8 +148,10 @@ def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, 
     assert set(_step_runs(experiment_id)) == set(steps.values())  # nothing else ran
     commit = _git(project, "rev-parse", "HEAD")
     runs = {ep: client.get_run(run_id) for ep, run_id in steps.items()}
+    assert main.info.run_name == "main"
     for ep, run in runs.items():
         assert run.info.status == "FINISHED"
+        assert run.info.run_name == ep
         assert run.data.tags["mlflow.project.entryPoint"] == ep
         assert run.data.tags["mlflow.parentRunId"] == first_main.run_id
         assert run.data.tags["mlflow.source.git.commit"] == commit
