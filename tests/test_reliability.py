@@ -78,6 +78,7 @@ def test_a_killed_scheduled_run_keeps_the_lock_until_all_of_it_has_ended(experim
         os.kill(cli, signal.SIGKILL)  # a scheduler's timeout or the OOM killer picks the CLI
         first.wait(timeout=60)  # the script ends with its CLI, and its own lock with it
         second = scheduled(settings.BUILTIN_TINY)
+        print(second.stderr)
         assert second.returncode == 75, second.stderr
         assert "error: another run of main is in progress" in second.stderr
         os.kill(main, signal.SIGKILL)  # main gone as well: the step alone still holds the lock
