@@ -25,7 +25,7 @@ from phi3flow.errors import UserError
 from phi3flow.eval_data import load_eval_data
 from phi3flow.onnx_convert import check_options
 from phi3flow.onnx_model import check_interface
-from phi3flow.step_process import owner, owner_is_gone  # noqa: F401 (owner: part of this module's interface)
+from phi3flow.step_process import owner_is_gone
 
 
 def code_version(project_dir: Path) -> str:
