@@ -10,31 +10,38 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 import subprocess
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
 from mlflow.entities import Run
 from mlflow.exceptions import ExecutionException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENV
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_PROJECT_ENTRY_POINT, MLFLOW_PROJECT_ENV
 
 from phi3flow import fetch, settings
 from phi3flow.errors import UserError
+from phi3flow.eval_data import load_eval_data
+from phi3flow.onnx_convert import check_options
+from phi3flow.onnx_model import check_interface
+from phi3flow.step_process import owner_is_gone
 
 
 def code_version(project_dir: Path) -> str:
-    """`git:<commit>` for a clean git checkout, `dirty:<commit>` for one with changes (never reused),
-    `sha256:<hash>` of the code files (settings.CODE_FILES, CODE_DIRS) when it is not a git checkout."""
+    """The identity of what determines the steps' results (settings.CODE_FILES and CODE_DIRS), never
+    docs or tests: in a git checkout `git:<hash>` of those paths' git object ids at HEAD, or
+    `dirty:<hash>` when any of them has uncommitted changes (never reused); outside git
+    `sha256:<hash>` of their files. A docs-only commit keeps it; a change in phi3flow/ moves it."""
+    paths = [*settings.CODE_FILES, *settings.CODE_DIRS]
     try:
-        commit = _git(project_dir, "rev-parse", "HEAD")
-    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
+        # One line per path: mode, type, object id (a folder's tree id covers every file in it).
+        listing = _git(project_dir, "ls-tree", "HEAD", "--", *paths)
+    except (OSError, subprocess.CalledProcessError):  # no git, not a checkout, or no commit yet
         return _files_hash(project_dir)
-    # Untracked files count as changes too; ignored ones (mlflow.db, mlruns/) do not.
-    dirty = _git(project_dir, "status", "--porcelain")
-    return f"{'dirty' if dirty else 'git'}:{commit}"
+    # Untracked files under those paths count as changes too; ignored ones (__pycache__) do not.
+    dirty = _git(project_dir, "status", "--porcelain", "--", *paths)
+    return f"{'dirty' if dirty else 'git'}:{hashlib.sha256(listing.encode()).hexdigest()}"
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -74,48 +81,62 @@ def caller_env_manager(run: Run) -> str:
     return run.data.tags.get(MLFLOW_PROJECT_ENV, "local")
 
 
-def owner() -> str:
-    """Who runs this process, to recognise a RUNNING run whose process is gone."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _owner_is_gone(tag: str | None) -> bool:
-    """True only for an owner on this host whose process no longer exists; other hosts are unknowable."""
-    host, _, pid = (tag or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, owned by another user
-        return False
-    return False
-
-
 def mark_stale_runs(client: mlflow.MlflowClient, experiment_id: str) -> list[str]:
-    """Mark KILLED the runs a hard kill left RUNNING: main runs whose process on this host is gone,
-    and the RUNNING step runs of such a main run or of a main run that has already ended."""
+    """Mark KILLED the runs a hard kill left RUNNING: runs (main, or a step started by main or by
+    hand) whose owner process on this host is gone, and runs without an owner (evaluate's nested
+    runs, a step killed before it recorded its owner) whose parent run is stale or has ended."""
     running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
     stale: dict[str, str] = {}
     for run in running:
-        if _owner_is_gone(run.data.tags.get(settings.TAG_OWNER)):
-            stale[run.info.run_id] = f"its main process {run.data.tags[settings.TAG_OWNER]} is gone"
+        if owner_is_gone(run.data.tags.get(settings.TAG_OWNER)):
+            stale[run.info.run_id] = f"its process {run.data.tags[settings.TAG_OWNER]} is gone"
     for run in running:
         parent_id = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
-        if not parent_id or run.info.run_id in stale:
+        # A run with an owner is judged by its owner alone: it may still be at work.
+        if not parent_id or run.info.run_id in stale or settings.TAG_OWNER in run.data.tags:
             continue
         if parent_id in stale:
-            stale[run.info.run_id] = f"its main run {parent_id} was left by a dead process"
+            stale[run.info.run_id] = f"its parent run {parent_id} was left by a dead process"
             continue
         parent = client.get_run(parent_id)
         if settings.TAG_OWNER in parent.data.tags and parent.info.status != "RUNNING":
-            stale[run.info.run_id] = f"its main run {parent_id} is {parent.info.status}"
+            stale[run.info.run_id] = f"its parent run {parent_id} is {parent.info.status}"
     for run_id, reason in stale.items():
         print(f"marking run {run_id} KILLED: it was left RUNNING and {reason}", flush=True)
         client.set_tag(run_id, settings.TAG_STALE, reason)
         client.set_terminated(run_id, "KILLED")
     return sorted(stale)
+
+
+def run_id_or_newest(run_id: str, entry_point: str, parameter: str) -> str:
+    """run_id as given; when empty, the newest FINISHED run of entry_point in the active run's
+    experiment (told apart by the entry-point tag MLflow Projects sets), printed with its model and time."""
+    if run_id:  # any value, "none" included, is the caller's to interpret
+        return run_id
+    experiment_id = mlflow.active_run().info.experiment_id
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = '{entry_point}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not runs:
+        raise UserError(f"{parameter} is empty and experiment {experiment_id} has no FINISHED {entry_point} run: "
+                        f"run fetch_model or main first, or pass -P {parameter}=<run id>")
+    found = runs[0]
+    started = datetime.fromtimestamp(found.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    print(f"{parameter} not given: using the newest FINISHED {entry_point} run {found.info.run_id} "
+          f"({found.data.tags.get(settings.TAG_MODEL_ID, 'model unknown')}, started {started})", flush=True)
+    return found.info.run_id
+
+
+def check_parameters(precision: str, interface: str, eval_data: str, workdir: Path) -> None:
+    """Refuse, before any step runs, what a later step would refuse after the earlier ones had run."""
+    check_options(precision, "cpu")
+    check_interface(interface)
+    if interface != "chat":
+        raise UserError(f"main evaluates the ONNX model with chat messages, so it needs interface=chat, not "
+                        f"'{interface}'; log a {interface} model on its own with `mlflow run . -e log_onnx_wrapper "
+                        f"-P interface={interface}`")
+    load_eval_data(eval_data, workdir)  # exists, has a known format and holds valid rows
 
 
 @dataclass(frozen=True)

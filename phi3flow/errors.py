@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -33,19 +35,27 @@ def auth_error_message(exc: MlflowException) -> str:
 def run_step(main: Callable[[], None]) -> None:
     """Run a step's main function; a user's mistake is printed as one line on stderr and exits 1.
 
-    The mistakes: a UserError, or a tracking server refusing the user's credentials or
-    permissions. Steps open their MLflow run with `with mlflow.start_run()`, so the run is
-    already marked FAILED when the error reaches this point (when the server lets us).
+    The mistakes: a UserError, an interrupt, a tracking server refusing the user's credentials or
+    permissions, or one that does not answer. Before main, the process is set up (step_process.start).
+    Steps open their MLflow run with `with mlflow.start_run()`, so the run is already marked FAILED
+    when the error reaches this point (when the server lets us).
     """
+    from phi3flow import step_process  # it raises UserError: imported here, not in a cycle
+
     try:
+        step_process.start()
         main()
     except UserError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted (Ctrl-C, SIGTERM, or the process that started this step ended): the run was marked FAILED")
     except MlflowException as exc:
-        refusal = _auth_refusal(exc)
-        if refusal is None:
+        refusal, outage = _auth_refusal(exc), outage_message(exc)
+        if refusal is not None:
+            _fail(auth_error_message(refusal))
+        if outage is None:
             raise
-        _fail(auth_error_message(refusal))
+        _fail(outage)
 
 
 def _auth_refusal(exc: BaseException | None) -> MlflowException | None:
@@ -56,6 +66,32 @@ def _auth_refusal(exc: BaseException | None) -> MlflowException | None:
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+# What MLflow's http_request raises once its retries are spent (mlflow/utils/rest_utils.py).
+_REQUEST_FAILED = re.compile(r"API request to (\S+) failed with (?:timeout )?exception (.*)", re.DOTALL)
+
+
+def outage_message(exc: BaseException | None) -> str | None:
+    """One line for a tracking-server request that got no usable answer: the server, the call, why.
+
+    The first failed request is the cause; the FAILED status MLflow then tries to set fails too,
+    with the first failure as its context.
+    """
+    first = None
+    while exc is not None:
+        if isinstance(exc, MlflowException) and (found := _REQUEST_FAILED.search(exc.message)):
+            first = found
+        exc = exc.__cause__ or exc.__context__
+    if first is None:
+        return None
+    url = urlparse(first.group(1))
+    detail = first.group(2)
+    reason = re.search(r"\[Errno -?\d+\] ([^'\")]+)|(Read timed out)|(too many \d+ error responses)", detail)
+    why = next(group for group in reason.groups() if group) if reason else " ".join(detail.split())[:200]
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "")
+    return (f"the tracking server {url.scheme}://{url.netloc} failed the call {url.path} after {retries} retries ({why}); "
+            f"MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT set how long a step waits")
 
 
 def _fail(message: str) -> None:

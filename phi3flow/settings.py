@@ -120,13 +120,26 @@ MAIN_STEPS = ("fetch_model", "log_pipeline", "log_onnx_wrapper", "evaluate")
 TAG_STEP_RUN = "phi3.step_run.{}"  # on a main run: the run ID of each step, by entry point
 TAG_CACHE_KEY = "phi3.cache_key"  # on a step run started by main: entry point + params + code
 TAG_CODE_VERSION = "phi3.code_version"  # "git:<commit>", "sha256:<hash>" or "dirty:<commit>"
-TAG_OWNER = "phi3.owner"  # on a main run: "<host>:<pid>", to tell a live run from one left by a hard kill
+TAG_OWNER = "phi3.owner"  # on a main or step run: "<host>:<pid>", to tell a live run from one left by a hard kill
 TAG_STALE = "phi3.stale"  # on a run found RUNNING after its process died: why it was marked KILLED
 TAG_ENV_MANAGER = "phi3.env_manager"  # on a main run: the env manager its steps ran with
 SUMMARY_FILE = "summary.json"
 # What the steps' results depend on when the project is not a git checkout: hashed for the cache.
 CODE_FILES = ("MLproject", "python_env.yaml", "conda.yaml", "pyproject.toml")
 CODE_DIRS = ("steps", "phi3flow", "data")
+
+# Reliability: one main at a time per tracking server and experiment, steps that do not outlive
+# their caller, bounded tracking-server retries, and temporary folders a later run can clean up.
+TMP_ROOT_ENV = "PHI3FLOW_TMP_ROOT"  # default: $TMPDIR/phi3flow; each process works in <root>/<host>-<pid>
+RUN_LOCK_ENV = "PHI3FLOW_RUN_LOCK"  # set by main for its steps: the lock file they share with it
+RUN_LOCK_PID_ENV = "PHI3FLOW_RUN_LOCK_PID"  # set by main for its steps: main's process id
+# MLflow's own defaults (7 retries, exponential backoff from 2 s, 120 s timeout) keep a step
+# retrying for minutes when the server is down. Values the user sets in the environment win.
+TRACKING_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
 
 
 # What the MLflow UI shows: run names, the default experiment, descriptions, the promotion's compare-and-set

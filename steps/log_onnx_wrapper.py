@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import mlflow
 
-from phi3flow import onnx_model, settings
+from phi3flow import chain, onnx_model, settings
 from phi3flow.artifacts import download_fetched_model
 from phi3flow.errors import run_step
 from phi3flow.onnx_convert import EXECUTION_PROVIDERS, PRECISIONS, check_options
@@ -16,7 +16,7 @@ from phi3flow.threads import parse_threads
 
 
 @click.command()
-@click.option("--fetch-run-id", required=True, help="Run ID of a fetch_model run.")
+@click.option("--fetch-run-id", default="", help="Run ID of a fetch_model run; empty: the newest FINISHED one in the experiment.")
 @click.option("--precision", default="int4", show_default=True, help=f"One of {', '.join(PRECISIONS)}.")
 @click.option("--execution-provider", default="cpu", show_default=True, help=f"One of {', '.join(EXECUTION_PROVIDERS)}.")
 @click.option("--interface", default="chat", show_default=True, help=f"One of {', '.join(onnx_model.INTERFACES)}.")
@@ -27,6 +27,7 @@ def main(fetch_run_id: str, precision: str, execution_provider: str, interface: 
     with mlflow.start_run(run_name="log_onnx_wrapper") as run, tempfile.TemporaryDirectory() as tmp:
         check_options(precision, execution_provider)
         onnx_model.check_interface(interface)
+        fetch_run_id = chain.run_id_or_newest(fetch_run_id, "fetch_model", "fetch_run_id")
         parse_threads(threads)  # a bad value fails before the download and conversion
         mlflow.set_tag(settings.TAG_ONNX_THREADS, threads.strip())
         fetched = download_fetched_model(fetch_run_id, Path(tmp) / "fetched")

@@ -8,14 +8,14 @@ from pathlib import Path
 import click
 import mlflow
 
-from phi3flow import settings
+from phi3flow import chain, settings
 from phi3flow.artifacts import download_fetched_model
 from phi3flow.errors import run_step
 from phi3flow.pipeline_model import DTYPES, check_dtype, log_pipeline_model
 
 
 @click.command()
-@click.option("--fetch-run-id", required=True, help="Run ID of a fetch_model run.")
+@click.option("--fetch-run-id", default="", help="Run ID of a fetch_model run; empty: the newest FINISHED one in the experiment.")
 @click.option("--max-tokens", type=int, default=settings.DEFAULT_MAX_TOKENS, show_default=True, help="Default answer length (max_new_tokens).")
 @click.option("--sampling", type=bool, default=False, show_default=True, help="Sample by default (do_sample) instead of greedy decoding.")
 @click.option("--dtype", default="float32", show_default=True, help=f"One of {', '.join(DTYPES)}.")
@@ -23,6 +23,7 @@ from phi3flow.pipeline_model import DTYPES, check_dtype, log_pipeline_model
 def main(fetch_run_id: str, max_tokens: int, sampling: bool, dtype: str, registered_model_name: str) -> None:
     with mlflow.start_run(run_name="log_pipeline") as run, tempfile.TemporaryDirectory() as tmp:
         check_dtype(dtype)
+        fetch_run_id = chain.run_id_or_newest(fetch_run_id, "fetch_model", "fetch_run_id")
         fetched = download_fetched_model(fetch_run_id, Path(tmp))
         mlflow.set_tags(fetched.lineage_tags)
         info = log_pipeline_model(

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import signal
 import tempfile
 from pathlib import Path
 
 import click
 import mlflow
 
-from phi3flow import chain, settings
+from phi3flow import chain, settings, step_process
 from phi3flow.errors import UserError, run_step
 from phi3flow.onnx_convert import PRECISIONS
 from phi3flow.onnx_model import INTERFACES
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    # SIGTERM (cron timeouts, systemd, kill) takes the same path as Ctrl-C: MLflow stops the running
-    # step and marks its run FAILED, and this run ends FAILED instead of being left RUNNING.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
-    raise KeyboardInterrupt
 
 
 @click.command()
@@ -32,9 +24,12 @@ def _interrupt(signum: int, frame: object) -> None:
 @click.option("--force", type=bool, default=False, show_default=True, help="Rerun every step even when a finished run matches.")
 @click.option("--env-manager", default="", help="Env manager of the steps; empty: the one main was started with.")
 def main(model_id: str, revision: str, precision: str, interface: str, eval_data: str, force: bool, env_manager: str) -> None:
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM, and the end of the process that started main, interrupt it like Ctrl-C (run_step):
+    # MLflow stops the running step and marks its run FAILED, and this run ends FAILED.
     with mlflow.start_run(run_name="main") as run, tempfile.TemporaryDirectory() as tmp:
-        mlflow.set_tag(settings.TAG_OWNER, chain.owner())
+        chain.check_parameters(precision, interface, eval_data, Path(tmp))
+        # Held until this process and every step it starts have ended (a kill of any of them included).
+        step_process.hold_run_lock(mlflow.get_tracking_uri(), run.info.experiment_id)
         client = mlflow.MlflowClient()
         stale = chain.mark_stale_runs(client, run.info.experiment_id)
         project = Path.cwd()  # MLflow Projects runs every entry point in the project folder

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,16 @@ def assert_failed_with(result: StepResult, message: str) -> None:
     assert message in result.error_lines[0]
     assert "Traceback" not in result.stderr
     assert mlflow.MlflowClient().get_run(result.run_id).info.status == "FAILED"
+
+
+def wait_for(what: str, found: Callable[[], object], timeout: float = 300) -> object:
+    """Poll found() until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := found():
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="session")

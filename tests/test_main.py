@@ -1,7 +1,8 @@
 """The `main` entry point: chained step runs, the cache for scheduled reruns, faults, the cron wrapper.
 
-The tests run in file order against one clean git copy of the project and one experiment, like
-successive scheduled runs of the same flow: each test starts from what the previous ones left.
+The tests share one clean git copy of the project and one experiment, like successive scheduled
+runs of the same flow. What a test builds on (a first run, an interrupted one, a hard kill) is a
+module fixture, so each test also runs alone.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import BIN, REPO, StepResult, assert_ok, mlflow_run, step_env
+from conftest import BIN, REPO, StepResult, assert_ok, mlflow_run, step_env, wait_for
 from phi3flow import settings
+from phi3flow.chain import code_version
 
 BUNDLED = REPO / settings.BUNDLED_EVAL_FILE
 
@@ -90,15 +92,6 @@ def _steps_of(main_run_id: str) -> dict[str, str]:
     return {ep: tags[settings.TAG_STEP_RUN.format(ep)] for ep in settings.MAIN_STEPS if settings.TAG_STEP_RUN.format(ep) in tags}
 
 
-def _wait_for(what: str, found: Callable[[], object], timeout: float = 300) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := found():
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 class Background:
     """`mlflow run <project> -e main` in its own process group, to be interrupted or killed."""
 
@@ -117,14 +110,14 @@ class Background:
             mains = [r for r in _runs(self.experiment_id) if r.data.tags.get("mlflow.project.entryPoint") == "main"
                      and r.info.start_time >= self.started]
             return mains[0].info.run_id if mains else None
-        return _wait_for("the main run", newest_main)
+        return wait_for("the main run", newest_main)
 
     def wait_for_output(self, text: str) -> None:
-        _wait_for(f"'{text}' in the output of main", lambda: text in self.log.read_text())
+        wait_for(f"'{text}' in the output of main", lambda: text in self.log.read_text())
 
     def child(self, entry_point: str) -> mlflow.entities.Run:
         main = self.main_run_id()
-        return _wait_for(f"a {entry_point} run of main", lambda: next(
+        return wait_for(f"a {entry_point} run of main", lambda: next(
             (r for r in _runs(self.experiment_id) if r.data.tags.get("mlflow.parentRunId") == main
              and r.data.tags.get("mlflow.project.entryPoint") == entry_point), None))
 
@@ -155,8 +148,9 @@ def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, 
         assert run.data.tags["mlflow.project.entryPoint"] == ep
         assert run.data.tags["mlflow.parentRunId"] == first_main.run_id
         assert run.data.tags["mlflow.source.git.commit"] == commit
-        assert run.data.tags[settings.TAG_CODE_VERSION] == f"git:{commit}"
+        assert run.data.tags[settings.TAG_CODE_VERSION] == code_version(project)
         assert settings.TAG_CACHE_KEY in run.data.tags
+        assert run.data.tags[settings.TAG_OWNER] != main.data.tags[settings.TAG_OWNER]  # each step records its own process
     # Each step is handed its upstream steps' run IDs.
     assert runs["log_pipeline"].data.params["fetch_run_id"] == steps["fetch_model"]
     assert runs["log_onnx_wrapper"].data.params["fetch_run_id"] == steps["fetch_model"]
@@ -174,32 +168,49 @@ def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, 
     assert f"main run {first_main.run_id}: 4 steps run, 0 reused" in first_main.stdout
 
 
-def test_force_reruns_steps_and_an_interrupted_step_ends_failed(first_main, params, project, experiment_id, tracking_uri, tmp_path):
+@dataclasses.dataclass(frozen=True)
+class Interrupted:
+    before: dict[str, str]  # the steps of the main run before the interruption
+    main_id: str
+    onnx_run_id: str  # the step that was at work
+    output: str
+
+
+@pytest.fixture(scope="module")
+def interrupted_forced_main(first_main, params, project, experiment_id, tracking_uri, tmp_path_factory) -> Interrupted:
+    """main with force=true, stopped by SIGTERM while log_onnx_wrapper converts."""
     before = _steps_of(first_main.run_id)
-    bg = Background(project, experiment_id, tracking_uri, tmp_path / "main.log", {**params, "force": "true"})
+    bg = Background(project, experiment_id, tracking_uri, tmp_path_factory.mktemp("forced") / "main.log", {**params, "force": "true"})
     onnx = bg.child("log_onnx_wrapper")
     bg.wait_for_output("converting to ONNX")  # the step is at work
     bg.signal(signal.SIGTERM)  # what cron's timeout, systemd or `kill` send to the whole group
     client = mlflow.MlflowClient()
     main_id = bg.main_run_id()
-    status = _wait_for("main to end", lambda: client.get_run(main_id).info.status != "RUNNING" and client.get_run(main_id).info.status, 60)
-    assert status == "FAILED"
-    assert client.get_run(onnx.info.run_id).info.status in {"FAILED", "KILLED"}
-    assert [r.info.run_id for r in _runs(experiment_id) if r.info.status == "RUNNING"] == []
-    output = bg.log.read_text()
+    wait_for("main to end", lambda: client.get_run(main_id).info.status != "RUNNING", 60)
+    return Interrupted(before, main_id, onnx.info.run_id, bg.log.read_text())
+
+
+def test_force_reruns_steps_and_an_interrupted_step_ends_failed(interrupted_forced_main, experiment_id):
+    client = mlflow.MlflowClient()
+    main_id = interrupted_forced_main.main_id
+    assert client.get_run(main_id).info.status == "FAILED"
+    assert client.get_run(interrupted_forced_main.onnx_run_id).info.status in {"FAILED", "KILLED"}
+    # Nothing of the interrupted run is left RUNNING.
+    assert [r.info.run_id for r in _runs(experiment_id) if r.info.status == "RUNNING"
+            and main_id in (r.info.run_id, r.data.tags.get("mlflow.parentRunId"))] == []
+    output = interrupted_forced_main.output
     assert "error: interrupted" in output and "Traceback" not in output
     # force=true ran fetch_model and log_pipeline again although FINISHED runs matched.
     forced = _steps_of(main_id)
     for ep in ("fetch_model", "log_pipeline"):
-        assert forced[ep] != before[ep]
+        assert forced[ep] != interrupted_forced_main.before[ep]
         assert client.get_run(forced[ep]).info.status == "FINISHED"
     assert "log_onnx_wrapper" not in forced  # main names only the steps that finished
 
 
-def test_rerun_after_a_kill_reruns_the_killed_step_and_its_dependents_only(run_main, params, experiment_id):
+def test_rerun_after_a_kill_reruns_the_killed_step_and_its_dependents_only(interrupted_forced_main, run_main, params, experiment_id):
     client = mlflow.MlflowClient()
-    forced_main = next(r for r in _runs(experiment_id) if r.data.params.get("force") == "true")
-    forced = _steps_of(forced_main.info.run_id)
+    forced = _steps_of(interrupted_forced_main.main_id)
     existing = set(_step_runs(experiment_id))
     result = run_main(params)
     assert_ok(result)
@@ -214,7 +225,7 @@ def test_rerun_after_a_kill_reruns_the_killed_step_and_its_dependents_only(run_m
     assert f"main run {result.run_id}: 2 steps run, 2 reused" in result.stdout
 
 
-def test_changed_parameter_reruns_only_the_steps_that_use_it(run_main, params, experiment_id, tmp_path):
+def test_changed_parameter_reruns_only_the_steps_that_use_it(first_main, run_main, params, experiment_id, tmp_path):
     previous = _steps_of(next(r for r in _runs(experiment_id) if r.info.status == "FINISHED"
                               and r.data.tags.get("mlflow.project.entryPoint") == "main").info.run_id)
     existing = set(_step_runs(experiment_id))
@@ -227,25 +238,34 @@ def test_changed_parameter_reruns_only_the_steps_that_use_it(run_main, params, e
     assert set(_step_runs(experiment_id)) - existing == {steps["evaluate"]}
 
 
-def test_dirty_tree_never_reuses_and_a_hard_kill_leaves_runs_running(project, params, experiment_id, tracking_uri, tmp_path):
-    readme = project / "README.md"
-    readme.write_text(readme.read_text() + "\nan uncommitted edit\n")
+@dataclasses.dataclass(frozen=True)
+class HardKilled:
+    statuses: dict[str, str]  # run ID -> status right after the kill: main and its fetch_model run
+
+
+@pytest.fixture(scope="module")
+def hard_killed_main(first_main, project, params, experiment_id, tracking_uri, tmp_path_factory) -> HardKilled:
+    """main on a tree with an uncommitted code change, SIGKILLed with its step while fetch_model runs."""
+    settings_file = project / "phi3flow" / "settings.py"
+    settings_file.write_text(settings_file.read_text() + "\n# an uncommitted edit\n")
     try:
-        bg = Background(project, experiment_id, tracking_uri, tmp_path / "main.log", params)
+        bg = Background(project, experiment_id, tracking_uri, tmp_path_factory.mktemp("killed") / "main.log", params)
         fetch = bg.child("fetch_model")  # a FINISHED fetch_model run with these params exists
         bg.wait_for_output("[1/4] fetch_model: running (the project has uncommitted changes)")
         bg.signal(signal.SIGKILL)  # a hard kill: nobody is left to end the runs
     finally:
-        _git(project, "checkout", "README.md")
+        _git(project, "checkout", "phi3flow/settings.py")
     client = mlflow.MlflowClient()
-    assert client.get_run(bg.main_run_id()).info.status == "RUNNING"
-    assert client.get_run(fetch.info.run_id).info.status == "RUNNING"
+    return HardKilled({run_id: client.get_run(run_id).info.status for run_id in (bg.main_run_id(), fetch.info.run_id)})
 
 
-def test_scheduled_noop_rerun_reuses_every_step_in_seconds_and_ends_stale_runs(project, params, experiment_id, tracking_uri, tmp_path):
+def test_dirty_tree_never_reuses_and_a_hard_kill_leaves_runs_running(hard_killed_main):
+    assert list(hard_killed_main.statuses.values()) == ["RUNNING", "RUNNING"]
+
+
+def test_scheduled_noop_rerun_reuses_every_step_in_seconds_and_ends_stale_runs(hard_killed_main, project, params, experiment_id, tracking_uri, tmp_path):
     client = mlflow.MlflowClient()
-    stale = [r.info.run_id for r in _runs(experiment_id) if r.info.status == "RUNNING"]
-    assert len(stale) == 2  # the hard-killed main run and its fetch_model run
+    stale = list(hard_killed_main.statuses)
     latest = next(r for r in _runs(experiment_id) if r.info.status == "FINISHED" and r.data.params.get("eval_data") == params["eval_data"]
                   and r.data.tags.get("mlflow.project.entryPoint") == "main")
     existing = set(_step_runs(experiment_id))
@@ -308,6 +328,27 @@ def test_code_version_outside_git_hashes_the_code_files(project, tmp_path):
     assert code_version(copy) == first
     (copy / "steps" / "main.py").write_text((copy / "steps" / "main.py").read_text() + "\n# changed\n")
     assert code_version(copy) != first
+
+
+def test_code_version_in_git_follows_the_code_paths_only(project, tmp_path):
+    """A docs-only commit keeps the code version (every step is reused); a change in phi3flow/ moves it."""
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "-q", str(project), str(clone))
+    first = code_version(clone)
+    assert first.startswith("git:")
+    readme = clone / "README.md"
+    readme.write_text(readme.read_text() + "\nmore documentation\n")
+    assert code_version(clone) == first  # uncommitted docs: not dirty
+    _git(clone, "commit", "-qam", "docs only")
+    assert code_version(clone) == first
+    chain_file = clone / "phi3flow" / "chain.py"
+    chain_file.write_text(chain_file.read_text() + "\n# changed\n")
+    assert code_version(clone).startswith("dirty:")
+    _git(clone, "commit", "-qam", "code")
+    changed = code_version(clone)
+    assert changed.startswith("git:") and changed != first
+    (clone / "data" / "extra.jsonl").write_text("{}\n")  # untracked files under a code path count
+    assert code_version(clone).startswith("dirty:")
 
 
 def test_a_new_revision_of_the_model_reruns_fetch_model(project, experiment_id, tiny_dir, tmp_path, monkeypatch):
