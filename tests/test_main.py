@@ -186,7 +186,8 @@ def interrupted_forced_main(first_main, params, project, experiment_id, tracking
     bg.signal(signal.SIGTERM)  # what cron's timeout, systemd or `kill` send to the whole group
     client = mlflow.MlflowClient()
     main_id = bg.main_run_id()
-    wait_for("main to end", lambda: client.get_run(main_id).info.status != "RUNNING", 60)
+    # The step finishes the Python call it is in before SIGTERM ends it: minutes on a loaded machine.
+    wait_for("main to end", lambda: client.get_run(main_id).info.status != "RUNNING")
     return Interrupted(before, main_id, onnx.info.run_id, bg.log.read_text())
 
 
