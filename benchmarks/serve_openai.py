@@ -112,7 +112,7 @@ def served_many(clients: list, model_id: str, conversations: list[list[dict]], m
     tokens = [0] * len(conversations)
 
     def ask(i: int) -> None:
-        tokens[i] = served_one(clients[i], model_id, conversations[i], max_tokens)[0]
+        tokens[i] = served_one(clients[i], model_id, conversations[i], max_tokens)[0]  # an error leaves 0
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(conversations))]
     start = time.perf_counter()
@@ -120,6 +120,8 @@ def served_many(clients: list, model_id: str, conversations: list[list[dict]], m
         t.start()
     for t in threads:
         t.join()
+    if not all(tokens):
+        raise SystemExit(f"{tokens.count(0)} of {len(tokens)} concurrent requests failed: see the server log")
     return sum(tokens), time.perf_counter() - start
 
 
@@ -147,7 +149,8 @@ def main() -> None:
     logged = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
     onnx_dir = Path(mlflow.artifacts.download_artifacts(f"{logged}/artifacts/{built.name}", dst_path=str(args.workdir / "logged")))
     port = local_server.free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    # A long request timeout: on a loaded machine a batch of 8 can take longer than the default 60 s.
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT="900")
     log = args.workdir / "serve.log"
     proc = local_server.spawn([str(BIN / "python"), "-m", "steps.serve", "--model-uri", model_uri, "--port", str(port)], log, cwd=REPO, env=env)
     url = f"http://127.0.0.1:{port}"
