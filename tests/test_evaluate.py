@@ -336,6 +336,7 @@ def test_malformed_files_name_the_line_or_column(tmp_path, name, text, message):
         ("latin1.csv", "prompt,reference\ncafé?,b\n".encode("latin-1"), "latin1.csv: cannot read it as csv"),
         ("junk.parquet", bytes(range(256)), "junk.parquet: cannot read it as parquet"),
     ],
+    ids=["latin1", "utf16", "bytes", "png", "deep", "latin1-csv", "junk-parquet"],
 )
 def test_every_bad_file_gets_one_line(tmp_path, name, data, message):
     (tmp_path / name).write_bytes(data)
