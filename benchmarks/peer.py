@@ -327,6 +327,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def llama_cpp_version() -> str:
+    """The bindings' version: also when they are used in place from the sdist (not installed)."""
+    import llama_cpp
+
+    return llama_cpp.__version__
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -361,7 +368,8 @@ def main() -> None:
         "num_layers": args.num_layers, "threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
         "prompt_tokens": PROMPT_TOKENS, "batch": BATCH, "cpu": platform.processor() or platform.machine(),
         "nproc": os.cpu_count(), "loadavg_min": min(loads), "loadavg_max": max(loads),
-        "versions": {d: version(d) for d in ("onnxruntime-genai", "onnxruntime", "llama_cpp_python", "transformers", "torch")},
+        "versions": {**{d: version(d) for d in ("onnxruntime-genai", "onnxruntime", "transformers", "torch")},
+                     "llama-cpp-python": llama_cpp_version()},
         "table": table, "goals": goals(table), "runs": runs,
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
