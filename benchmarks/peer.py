@@ -26,11 +26,15 @@ token ids are what the converter writes for any Phi-3.
 Needs the `peer` extra (llama-cpp-python, built from source) and the sdist's converter, which
 writes with the gguf-py it ships (the converter puts it first on its import path):
 
+    pip install -e '.[peer]'      # compiles llama.cpp from the sdist
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/sdist && tar xzf /tmp/sdist/*.tar.gz -C /tmp/sdist
-    # the libraries the bindings load, without the multimodal and common libraries (half the compile time)
-    CMAKE_ARGS=-DLLAVA_BUILD=OFF pip install /tmp/sdist/llama_cpp_python-0.3.36.tar.gz \
-        --config-settings="build.targets=llama;ggml;ggml-base;ggml-cpu"     # or: pip install -e '.[peer]'
     python benchmarks/peer.py --llama-cpp-src /tmp/sdist/llama_cpp_python-0.3.36 --rounds 3
+
+On 2 busy cores the full compile takes about an hour. Only the four libraries the bindings load
+(llama, ggml, ggml-base, ggml-cpu: 78 of 193 compile steps) can be built from the same sdist
+(`pip install` with `CMAKE_ARGS=-DLLAVA_BUILD=OFF`, `--config-settings=build.targets=llama;ggml;ggml-base;ggml-cpu`
+and `--config-settings=build-dir=DIR`: its install step then fails on the skipped common library)
+and used in place with `PYTHONPATH=<sdist> LLAMA_CPP_LIB_PATH=DIR/bin`.
 """
 
 from __future__ import annotations
@@ -84,9 +88,23 @@ import sys
 sys.path.insert(0, {str(converter_dir)!r})
 sys.argv = ["convert_hf_to_gguf.py", {str(checkpoint)!r}, "--outfile", {str(out)!r}, "--outtype", "bf16"]
 import convert_hf_to_gguf
+import gguf
 from conversion.phi import Phi3MiniModel
-# No tokenizer.model: the Llama BPE tokenizer.json path the converter itself uses for Llama models.
-Phi3MiniModel.set_vocab = lambda self: self._set_vocab_llama_hf()
+
+def set_vocab(self):
+    # No tokenizer.model: read tokenizer.json with the converter's LlamaHfVocab, as its Llama path
+    # (_set_vocab_llama_hf) does, then pad to the embedding's rows as its Phi-3 path does.
+    tokens, scores, types = map(list, zip(*gguf.LlamaHfVocab(self.dir_model).all_tokens()))
+    for i in range(len(tokens), self.hparams["vocab_size"]):
+        tokens.append(f"[PAD{{i}}]".encode()); scores.append(-10000.0); types.append(gguf.TokenType.UNUSED)
+    self.gguf_writer.add_tokenizer_model("llama")
+    self.gguf_writer.add_tokenizer_pre("default")
+    self.gguf_writer.add_token_list(tokens)
+    self.gguf_writer.add_token_scores(scores)
+    self.gguf_writer.add_token_types(types)
+    gguf.SpecialVocab(self.dir_model, n_vocab=len(tokens)).add_to_gguf(self.gguf_writer)
+
+Phi3MiniModel.set_vocab = set_vocab
 convert_hf_to_gguf.main()
 """
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -309,6 +327,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def llama_cpp_version() -> str:
+    """The bindings' version: also when they are used in place from the sdist (not installed)."""
+    import llama_cpp
+
+    return llama_cpp.__version__
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -343,7 +368,8 @@ def main() -> None:
         "num_layers": args.num_layers, "threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
         "prompt_tokens": PROMPT_TOKENS, "batch": BATCH, "cpu": platform.processor() or platform.machine(),
         "nproc": os.cpu_count(), "loadavg_min": min(loads), "loadavg_max": max(loads),
-        "versions": {d: version(d) for d in ("onnxruntime-genai", "onnxruntime", "llama_cpp_python", "transformers", "torch")},
+        "versions": {**{d: version(d) for d in ("onnxruntime-genai", "onnxruntime", "transformers", "torch")},
+                     "llama-cpp-python": llama_cpp_version()},
         "table": table, "goals": goals(table), "runs": runs,
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
