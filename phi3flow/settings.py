@@ -94,6 +94,17 @@ SUMMARY_FILE = "summary.json"
 CODE_FILES = ("MLproject", "python_env.yaml", "conda.yaml", "pyproject.toml")
 CODE_DIRS = ("steps", "phi3flow", "data")
 
+# batch_score: Spark batch scoring
+BATCH_MODEL_URI = "models:/phi3-onnx@champion"
+BATCH_SPARK_MASTER = "local[*]"
+BATCH_MAX_TOKENS = DEFAULT_MAX_TOKENS  # for rows that do not set max_tokens
+# Rows per Spark partition (one task each): small enough that a lost task costs little and that
+# progress moves, large enough that per-task overhead (about 0.1 s) stays small next to generating
+# (tens of ms to seconds per row). The job uses at least one partition per core.
+BATCH_ROWS_PER_PARTITION = 64
+BATCH_PROGRESS_EVERY_S = 5.0
+BATCH_OUTPUT_DIR = "predictions"  # artifact folder of the Parquet dataset
+
 
 def pinned(*distributions: str) -> list[str]:
     """`name==version` of installed distributions: the explicit pip requirements of a logged model."""
