@@ -1,7 +1,7 @@
 """batch_score: score a JSONL, CSV or Parquet file of chat requests (or prompts) with a logged model on Spark.
 
-Also runs under spark-submit (`spark-submit --master spark://... -m` is not a thing, so:
-`spark-submit --master spark://HOST:7077 steps/batch_score.py --input-path ... --spark-master spark://HOST:7077`).
+Also runs under spark-submit, which takes a file rather than a module (give both the same master):
+`spark-submit --master spark://HOST:7077 steps/batch_score.py --input-path ... --spark-master spark://HOST:7077`.
 """
 
 from __future__ import annotations
