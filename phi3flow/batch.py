@@ -182,6 +182,7 @@ _LOADED: dict[str, Any] = {}
 
 def _model(folder: str, on_load: Any) -> Any:
     if folder not in _LOADED:
+        _LOADED.clear()  # a reused worker keeps one model: the previous job's is not needed again
         _LOADED[folder] = mlflow.pyfunc.load_model(folder)
         on_load.add(1)
     return _LOADED[folder]
