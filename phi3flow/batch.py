@@ -141,8 +141,10 @@ def chat_request(row: dict[str, Any], default_max_tokens: int) -> dict[str, Any]
 def prompt_params(row: dict[str, Any], default_max_tokens: int) -> tuple[str, dict[str, Any]]:
     """A prompt-interface row: its prompt and its decoding options (passed as params)."""
     prompt = row.get(PROMPT_FIELD)
-    if not isinstance(prompt, str) or not prompt:
-        raise RowError(f"'prompt' must be a non-empty string, got {type(prompt).__name__}")
+    if _absent(prompt) or prompt == "":
+        raise RowError("'prompt' is missing or empty")
+    if not isinstance(prompt, str):
+        raise RowError(f"'prompt' must be a string, got {type(prompt).__name__}")
     params = {name: _number(row[name], name, kind) for name, kind in NUMBER_FIELDS.items() if not _absent(row.get(name))}
     params.setdefault("max_tokens", default_max_tokens)
     if params["max_tokens"] < 1:

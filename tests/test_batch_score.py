@@ -153,3 +153,22 @@ def test_mlflow_run_batch_score_logs_predictions_and_metrics(onnx_fp32_run, onnx
 def test_mlflow_run_with_a_missing_input_fails_in_one_line(onnx_fp32_run, tracking_uri: str, tmp_path: Path):
     result = mlflow_run("batch_score", {"model_uri": model_uri_of(onnx_fp32_run), "input_path": str(tmp_path / "none.csv")}, tracking_uri)
     assert_failed_with(result, f"input_path '{tmp_path / 'none.csv'}' does not exist")
+
+
+def test_prompt_interface_model_scores_csv_prompts(spark, tiny_onnx_fp32: Path, tracking_uri: str, tmp_path: Path):
+    from phi3flow.onnx_model import log_onnx_model
+
+    with mlflow.start_run():
+        model_uri = log_onnx_model(tiny_onnx_fp32, "prompt", "tiny-prompt").model_uri
+    prompts = [f"<|user|>Question {i}?<|end|><|assistant|>" for i in range(4)]
+    pd.DataFrame([{"id": i, "prompt": p, "max_tokens": 2 + i % 2} for i, p in enumerate(prompts)]
+                 + [{"id": 8, "prompt": "", "max_tokens": 2}, {"id": 9, "prompt": prompts[0], "max_tokens": -2}]).to_csv(tmp_path / "prompts.csv", index=False)
+    result = batch_score(model_uri, str(tmp_path / "prompts.csv"), "local[2]", DEFAULT_MAX_TOKENS, tmp_path / "work", spark=spark)
+    out = pd.read_parquet(result.output_dir).set_index("id")  # CSV: text ids
+    assert (result.rows, result.errors) == (6, 2)
+    assert out.loc["8", "error"] == "'prompt' is missing or empty"
+    assert out.loc["9", "error"] == "'max_tokens' must be at least 1, got -2"
+    model = mlflow.pyfunc.load_model(model_uri)
+    for i, prompt in enumerate(prompts):
+        assert out.loc[str(i), "answer"] == model.predict([{"prompt": prompt}], params={"max_tokens": 2 + i % 2})[0]
+        assert json.loads(out.loc[str(i), "completion"]) == out.loc[str(i), "answer"]
