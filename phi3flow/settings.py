@@ -151,6 +151,16 @@ PROMOTION_ATTEMPTS = 3  # how often evaluate re-measures a champion that moved m
 EVAL_MAX_ROWS = 1000  # evaluate refuses larger sets unless max_rows is raised: each row is one request per model
 EVAL_PROGRESS_EVERY_S = 10.0  # how often evaluate prints its progress and the time it expects to need
 COMPARISON_DIGITS = 4  # significant digits of the numbers in descriptions and the comparison tables
+# batch_score: Spark batch scoring
+BATCH_MODEL_URI = "models:/phi3-onnx@champion"
+BATCH_SPARK_MASTER = "local[*]"
+BATCH_MAX_TOKENS = DEFAULT_MAX_TOKENS  # for rows that do not set max_tokens
+# Rows per Spark partition (one task each): small enough that a lost task costs little and that
+# progress moves, large enough that per-task overhead (about 0.1 s) stays small next to generating
+# (tens of ms to seconds per row). The job uses at least one partition per core.
+BATCH_ROWS_PER_PARTITION = 64
+BATCH_PROGRESS_EVERY_S = 5.0
+BATCH_OUTPUT_DIR = "predictions"  # artifact folder of the Parquet dataset
 
 
 def pinned(*distributions: str) -> list[str]:
