@@ -83,8 +83,7 @@ SERVE_DEFAULT_PORT = 8000
 SERVE_API_KEY_ENV = "PHI3FLOW_API_KEY"  # when set, every /v1 and /invocations request needs it as a Bearer key
 SERVE_MAX_BODY_BYTES_ENV = "PHI3FLOW_MAX_BODY_BYTES"
 SERVE_MAX_BODY_BYTES = 1 << 20  # a request body above this is refused (413) before it is parsed
-SERVE_REQUEST_TIMEOUT_ENV = "PHI3FLOW_REQUEST_TIMEOUT_S"
-SERVE_REQUEST_TIMEOUT_S = 300.0  # a request still generating then is stopped (504)
+# The request timeout (504) is MLflow's MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT (default 60 s), as for `mlflow models serve`.
 SERVE_SHUTDOWN_GRACE_S = 30  # after SIGTERM, in-flight requests get this long before they are cancelled
 SERVE_MAX_STOP = 4  # stop sequences per request, as OpenAI's API allows
 
