@@ -122,8 +122,17 @@ def test_generated_dockerfile_folder_loads_and_predicts_without_the_project(onnx
     moved = shutil.move(str(generated), str(tmp_path / "elsewhere"))
     env = step_env(tracking_uri, HF_HUB_OFFLINE="1")
     env.pop("PYTHONPATH", None)
+    # The project's package cannot be imported at all in that process (this environment has it
+    # installed, and MLflow imports its default-experiment plugin when it starts): the model must
+    # load and answer without it.
     code = (
-        "import json, sys, mlflow\n"
+        "import json, sys\n"
+        "class NoProject:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'phi3flow' or name.startswith('phi3flow.'):\n"
+        "            raise ImportError('the project is not here')\n"
+        "sys.meta_path.insert(0, NoProject())\n"
+        "import mlflow\n"
         f"model = mlflow.pyfunc.load_model({str(Path(moved) / 'model_dir')!r})\n"
         "answer = model.predict({'messages': [{'role': 'user', 'content': 'What is the capital of Spain?'}], 'max_tokens': 4})[0]\n"
         "print(json.dumps({'usage': answer['usage'], 'project_imported': 'phi3flow' in sys.modules}))\n"

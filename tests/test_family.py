@@ -122,7 +122,7 @@ def test_fp32_answers_like_the_pipeline_token_for_token(member):
         assert tokens == max_tokens, f"{what}: the reference ended early; pick another prompt"
         assert length + tokens > prompt_tokens  # the case really crosses what it names
         model = member.fp32.unwrap_python_model()
-        answer = model._run([model._job(prompt, {"max_tokens": max_tokens}, None)])[0]
+        answer = model._run([model._job(model._prompt_ids(prompt), {"max_tokens": max_tokens}, None)])[0]
         assert (answer.text, answer.completion_tokens) == (text, tokens), f"{member.name}: {what}"
 
 

@@ -330,9 +330,10 @@ def hub_fetcher(fake_hub, tmp_path_factory):
         (PHI4_MINI, {"config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                      "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
                      "added_tokens.json", "vocab.json", "merges.txt", "LICENSE"}),
-        # one variant of an -onnx repo: that subfolder only
+        # one variant of an -onnx repo: that subfolder only (made by phi3flow's conversion, which keeps
+        # the checkpoint's config.json beside the ONNX files)
         (f"{PHI3_ONNX}/{ONNX_VARIANT}", {"genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json",
-                                         "tokenizer_config.json", "chat_template.jinja"}),
+                                         "tokenizer_config.json", "chat_template.jinja", "config.json"}),
     ],
 )
 def test_hub_repo_layouts_fetch_exactly_the_files_the_steps_need(model_id, expected, fake_hub, hub_fetcher):
