@@ -23,9 +23,11 @@ def _newest_finished(experiment_id: str, entry_point: str) -> str:
 def test_an_empty_run_id_means_the_newest_finished_run_of_that_step(fetch_run_id, capsys):
     experiment_id = os.environ["MLFLOW_EXPERIMENT_ID"]
     newest = _newest_finished(experiment_id, "fetch_model")
+    # Other tests may have fetched other models since: the message names whichever is newest.
+    model_id = mlflow.MlflowClient().get_run(newest).data.tags[settings.TAG_MODEL_ID]
     with mlflow.start_run(experiment_id=experiment_id):
         assert run_id_or_newest("", "fetch_model", "fetch_run_id") == newest
-        assert f"fetch_run_id not given: using the newest FINISHED fetch_model run {newest} ({settings.BUILTIN_TINY}, started 20" \
+        assert f"fetch_run_id not given: using the newest FINISHED fetch_model run {newest} ({model_id}, started 20" \
             in capsys.readouterr().out
         assert run_id_or_newest(fetch_run_id, "fetch_model", "fetch_run_id") == fetch_run_id
         assert run_id_or_newest("none", "log_pipeline", "pipeline_run_id") == "none"  # a value, not "empty"
