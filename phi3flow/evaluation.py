@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import threading
 import time
@@ -352,8 +353,9 @@ def promote(candidates: list[registry.Candidate], champion_before: ModelVersion 
             registry.apply(decision, names, expected)
             return decision, champion, expected
         except registry.ChampionMoved as moved:
-            print(f"{moved}: measuring {registry.ref_of(moved.found)} and deciding again", flush=True)
-            expected = moved.found
+            time.sleep(random.uniform(0, settings.PROMOTION_RETRY_MAX_WAIT_S))
+            expected = registry.current_champion(names)  # whoever holds it after the wait
+            print(f"{moved}: measuring {registry.ref_of(expected)} and deciding again", flush=True)
     raise UserError(f"the champion alias moved {settings.PROMOTION_ATTEMPTS} times while this evaluation ran "
                     f"(now {registry.ref_of(registry.current_champion(names))}): nothing promoted, run it again")
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.models import ModelSignature
-from mlflow.models.model import ModelInfo
+from mlflow.models.model import MLMODEL_FILE_NAME, MODEL_CODE_PATH, Model, ModelInfo
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 
@@ -96,13 +97,36 @@ def check_interface(interface: str) -> None:
         raise UserError(f"interface must be one of {', '.join(INTERFACES)}, not '{interface}'")
 
 
+class PortablePyfunc:
+    """mlflow.pyfunc as a Model.log flavor, minus the logging machine's paths in MLmodel.
+
+    MLflow records each artifact's source `uri` (here this machine's temporary folder) and the model
+    code's absolute path; neither means anything on another machine. Only the code file's name is read
+    back (the pyfunc loader joins its basename to the model folder), and the artifact's own copy is
+    `path`, so both keep just the name.
+    """
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: Model, **kwargs: Any) -> None:
+        mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, **kwargs)
+        flavor = mlflow_model.flavors[mlflow.pyfunc.FLAVOR_NAME]
+        flavor[MODEL_CODE_PATH] = Path(flavor[MODEL_CODE_PATH]).name
+        for artifact in flavor.get("artifacts", {}).values():
+            artifact["uri"] = Path(artifact["uri"]).name
+        mlflow_model.save(str(Path(path) / MLMODEL_FILE_NAME))
+
+
 def log_onnx_model(onnx_dir: Path, interface: str, model_name: str, registered_model_name: str | None = None, threads: str = settings.ONNX_THREADS_AUTO) -> ModelInfo:
     check_interface(interface)
     # Written into the folder too, so it uses the cores it is given without the pyfunc as well.
     thread_count = parse_threads(threads)
     write_session_options(onnx_dir, {"intra_op_num_threads": thread_count})
     signature, example = signature_and_example(interface)
-    return mlflow.pyfunc.log_model(
+    # Model.log with a flavor is what mlflow.pyfunc.log_model calls; this one leaves out machine paths.
+    return Model.log(
+        artifact_path=None,  # `name` names the logged model in MLflow 3
+        flavor=PortablePyfunc,
+        flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model records for a model from code
         name=settings.ONNX_MODEL_NAME,
         python_model=str(PYFUNC_FILE),
         artifacts={"onnx": str(onnx_dir)},

@@ -54,6 +54,11 @@ def register(model: StepModel, name: str) -> ModelVersion:
     return mlflow.register_model(model.uri, name)
 
 
+# What the registry answers for a missing registered model (RESOURCE_DOES_NOT_EXIST) and for a missing
+# alias (INVALID_PARAMETER_VALUE: "Registered model alias champion not found"), over REST and in-process.
+NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+
+
 def current_champion(names: list[str]) -> ModelVersion | None:
     """The version holding the champion alias among the registered names (the newest if several)."""
     client = mlflow.MlflowClient()
@@ -61,8 +66,12 @@ def current_champion(names: list[str]) -> ModelVersion | None:
     for name in names:
         try:
             holders.append(client.get_model_version_by_alias(name, settings.CHAMPION_ALIAS))
-        except MlflowException:  # no such model or no such alias
-            pass
+        except MlflowException as error:
+            # Only "no such model" or "no such alias" means no holder here; anything else (a busy or
+            # failing tracking server) must not read as "there is no champion", or a promotion would
+            # decide against nothing.
+            if error.error_code not in NOT_FOUND_CODES:
+                raise
     return max(holders, key=lambda v: v.creation_timestamp, default=None)
 
 

@@ -147,6 +147,9 @@ TAG_MODEL_LABEL = "phi3.model"  # on a trace and an evaluation child run: which 
 TAG_MODEL_VERSION = "phi3.model_version"  # on a trace and an evaluation child run: the evaluated "<name>/<version>" or models:/ URI
 TAG_COMPARED_CHAMPION = "phi3.compared_champion"  # on an evaluate run and the versions it scored: the champion it measured against
 PROMOTION_ATTEMPTS = 3  # how often evaluate re-measures a champion that moved meanwhile before it gives up
+# Before deciding again, a random wait of up to this many seconds: two evaluations whose alias moves crossed
+# (each took the other's alias off) would otherwise retry in lockstep and cross again every time.
+PROMOTION_RETRY_MAX_WAIT_S = 3.0
 EVAL_MAX_ROWS = 1000  # evaluate refuses larger sets unless max_rows is raised: each row is one request per model
 EVAL_PROGRESS_EVERY_S = 10.0  # how often evaluate prints its progress and the time it expects to need
 COMPARISON_DIGITS = 4  # significant digits of the numbers in descriptions and the comparison tables

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import matplotlib.image
@@ -238,6 +239,25 @@ def test_promotion_is_a_compare_and_set(server, tracking_uri):
         assert _alias_holder(["cas-model"]) == ["cas-model/2"]
     finally:
         mlflow.set_tracking_uri(tracking_uri)
+
+
+def test_racing_evaluations_compare_the_champion_against_its_predecessor(server, own_answers, challengers, pipeline_run, onnx_fp32_run, tracking_uri):
+    """Two evaluations of different models started together on one `mlflow server`, no lock between them:
+    the one that promotes second finds the alias moved, measures the new champion, and decides against it.
+    (When their alias moves cross, both find it moved and retry after a random wait: one still goes first.)"""
+    names = {"pipeline_model_name": "race-pipeline", "onnx_model_name": "race-onnx"}
+    common = {"eval_data": own_answers, "max_tokens": str(OWN_ANSWERS_MAX_TOKENS), **names}
+    pairs = [{"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id}, challengers]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda pair: mlflow_run("evaluate", {**pair, **common}, server.url, timeout=600), pairs))
+    tags = {assert_ok(r): mlflow.MlflowClient().get_run(r.run_id).data.tags for r in results}
+    [first] = [run_id for run_id, t in tags.items() if t[settings.TAG_COMPARED_CHAMPION] == "none"]
+    [second] = [run_id for run_id in tags if run_id != first]
+    first_champion = tags[first][settings.TAG_CHAMPION]
+    assert tags[second][settings.TAG_COMPARED_CHAMPION] == first_champion
+    [late] = [r for r in results if r.run_id == second]
+    assert re.search(rf"the champion moved from \S+ to \S+ while this evaluation ran: measuring {re.escape(first_champion)} and deciding again", late.stdout)
+    assert _alias_holder(list(names.values())) == [tags[second][settings.TAG_CHAMPION]]
 
 
 def _version(name: str, number: int) -> ModelVersion:

@@ -17,8 +17,9 @@ from mlflow.exceptions import MlflowException
 from transformers import Phi3Config, Phi3ForCausalLM
 
 from conftest import assert_failed_with, assert_ok, in_fresh_process, invoke_step, mlflow_run, model_uri_of
-from phi3flow import onnx_model, settings
+from phi3flow import onnx_model, settings, step_process
 from phi3flow.errors import UserError
+from phi3flow.eval_data import PROJECT_ROOT
 from phi3flow.onnx_convert import convert
 from steps import fetch_model as fetch_model_step
 from steps import log_onnx_wrapper as log_onnx_wrapper_step
@@ -39,7 +40,12 @@ def test_run_holds_a_code_logged_pyfunc_with_the_onnx_folder(onnx_fp32_run, fetc
     assert run.data.params["precision"] == "fp32"
     local = Path(mlflow.artifacts.download_artifacts(model_uri_of(onnx_fp32_run), dst_path=str(tmp_path)))
     pyfunc = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-    assert pyfunc["model_code_path"].endswith("onnx_pyfunc.py")  # models from code
+    assert pyfunc["model_code_path"] == "onnx_pyfunc.py"  # models from code
+    # No path of the logging machine (its temporary folder, the project checkout) in what is logged:
+    # the ONNX folder is known by its place inside the model.
+    assert pyfunc["artifacts"] == {"onnx": {"path": "artifacts/onnx", "uri": "onnx"}}
+    mlmodel = (local / "MLmodel").read_text()
+    assert str(step_process.tmp_root()) not in mlmodel and str(PROJECT_ROOT) not in mlmodel
     assert not list(local.rglob("*.pkl"))  # no pickled instance
     onnx_files = {p.name for p in local.rglob("*") if p.is_file()}
     assert {"genai_config.json", "model.onnx", "tokenizer.json"} <= onnx_files
