@@ -137,6 +137,7 @@ def log_onnx_model(onnx_dir: Path, interface: str, model_name: str, registered_m
             "max_batch_size": settings.SERVE_MAX_BATCH_SIZE,
             "max_batch_tokens": settings.SERVE_MAX_BATCH_TOKENS,
             "batch_gather_ms": settings.SERVE_BATCH_GATHER_MS,
+            "batch_burst_ms": settings.SERVE_BATCH_BURST_MS,
             "threads": str(thread_count or settings.ONNX_THREADS_AUTO),  # resolved again at load time
             "threads_env": settings.ONNX_THREADS_ENV,
         },

@@ -242,7 +242,7 @@ class Batcher:
 
     def __init__(
         self, model: og.Model, tokenizer: og.Tokenizer, genai_config: dict,
-        max_batch_size: int, max_batch_tokens: int, gather_s: float, rope_switch: int | None = None,
+        max_batch_size: int, max_batch_tokens: int, gather_s: float, burst_s: float, rope_switch: int | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         # LongRoPE's original_max_position_embeddings (None without LongRoPE): see `_generate`.
@@ -257,6 +257,7 @@ class Batcher:
         # however many clients wait; a single request may still use the whole context.
         self.max_batch_tokens = max(max_batch_tokens, self.context_length)
         self.gather_s = gather_s
+        self.burst_s = burst_s
         self._last_size = 0
         self._waiting: deque[Job] = deque()
         self._wakeup = threading.Condition()
@@ -279,6 +280,17 @@ class Batcher:
                 self._wakeup.wait(until - time.monotonic())
             while not self._waiting:
                 self._wakeup.wait()
+            # Concurrent clients reach the batcher one after another, milliseconds apart: an idle
+            # batcher that started on the first would leave the others a whole generation behind.
+            # So it keeps gathering while requests keep arriving less than burst_s apart (a lone
+            # request waits burst_s once), for gather_s at most.
+            first = time.monotonic()
+            quiet = first + self.burst_s
+            while len(self._waiting) < self.max_batch_size and (now := time.monotonic()) < quiet:
+                count = len(self._waiting)
+                self._wakeup.wait(quiet - now)
+                if len(self._waiting) > count:
+                    quiet = min(time.monotonic() + self.burst_s, first + self.gather_s)
             batch, skipped = [self._waiting.popleft()], deque()
             width, new = len(batch[0].ids), batch[0].decoding.max_tokens
             while self._waiting and len(batch) < self.max_batch_size:
@@ -450,6 +462,7 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
             max_batch_size=int(config.get("max_batch_size", 8)),
             max_batch_tokens=int(config.get("max_batch_tokens", 8192)),
             gather_s=float(config.get("batch_gather_ms", 50)) / 1000,
+            burst_s=float(config.get("batch_burst_ms", 10)) / 1000,  # models logged before it existed: 10 ms
             rope_switch=long_rope_switch(folder),
         )
 

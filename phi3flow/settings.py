@@ -67,6 +67,9 @@ SERVE_MAX_BATCH_SIZE = 8
 SERVE_MAX_BATCH_TOKENS = 8192
 # How long a new batch waits for the clients of the previous one to come back (milliseconds)
 SERVE_BATCH_GATHER_MS = 50
+# How long an idle batcher keeps gathering after each new request before it starts (milliseconds):
+# concurrent clients arrive a few milliseconds apart and belong in one batch.
+SERVE_BATCH_BURST_MS = 10
 
 # Threads of the ONNX model's onnxruntime session (log_onnx_wrapper's `threads`). "auto": the CPUs
 # the loading process may run on (affinity and cgroup quota). Fewer suit a shared machine or
