@@ -158,6 +158,7 @@ class Chain:
     force: bool = False
     client: mlflow.MlflowClient = field(default_factory=mlflow.MlflowClient)
     runs: list[StepRun] = field(default_factory=list)  # the steps so far, reused or run
+    skipped: list[str] = field(default_factory=list)  # entry points this model has no use for
 
     def step(self, entry_point: str, params: dict[str, str], inputs: dict[str, str] | None = None,
              input_tags: dict[str, str] | None = None) -> StepRun:
@@ -165,7 +166,7 @@ class Chain:
         key = cache_key(entry_point, params, self.code, inputs or {})
         reusable = not self.code.startswith("dirty:")
         found = self._finished_run(key, input_tags or {}) if reusable and not self.force else None
-        progress = f"[{len(self.runs) + 1}/{len(settings.MAIN_STEPS)}] {entry_point}"
+        progress = self._progress(entry_point)
         if found:
             print(f"{progress}: reusing FINISHED run {found} (same parameters, upstream runs and code)", flush=True)
             return self._record(StepRun(entry_point, found, True, params))
@@ -189,6 +190,13 @@ class Chain:
         for name, value in tags.items():
             self.client.set_tag(submitted.run_id, name, value)
         return self._record(StepRun(entry_point, submitted.run_id, False, params))
+
+    def skip(self, entry_point: str, why: str) -> None:
+        print(f"{self._progress(entry_point)}: skipped: {why}", flush=True)
+        self.skipped.append(entry_point)
+
+    def _progress(self, entry_point: str) -> str:
+        return f"[{len(self.runs) + len(self.skipped) + 1}/{len(settings.MAIN_STEPS)}] {entry_point}"
 
     def _end_running_children(self) -> None:
         parent = mlflow.active_run().info.run_id
@@ -230,8 +238,8 @@ def run_flow(flow: Chain, model_id: str, revision: str, precision: str, interfac
     architecture = flow.client.get_run(fetched.run_id).data.tags.get(settings.TAG_ARCHITECTURE, "")
     if fetch.is_prebuilt_onnx(architecture):
         # The champion rule then applies to the ONNX model alone.
-        print(f"log_pipeline: skipped: {model_id} is a prebuilt onnxruntime-genai folder ({architecture}), "
-              "which has no transformers checkpoint to log", flush=True)
+        flow.skip("log_pipeline", f"{model_id} is a prebuilt onnxruntime-genai folder ({architecture}), "
+                  "which has no transformers checkpoint to log")
         pipeline_run_id = settings.NO_PIPELINE_RUN
     else:
         pipeline_run_id = flow.step("log_pipeline", {"fetch_run_id": fetched.run_id}).run_id
