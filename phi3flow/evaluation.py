@@ -292,7 +292,7 @@ def evaluate_and_promote(
         print("no pipeline model (a prebuilt ONNX source): the ONNX model is evaluated alone", flush=True)
     else:
         pipeline_scores = evaluate_model("pipeline", pipeline.uri, data.rows, max_tokens, logged_model_id=pipeline.model_id,
-                                         peer_answers=onnx_scores.answers, detail=pipeline.run.data.params.get("dtype", ""))
+                                         peer_answers=onnx_scores.answers, detail=pipeline.run.data.tags.get(settings.TAG_DTYPE) or pipeline.run.data.params.get("dtype", ""))
         share_agreement(pipeline_scores, onnx_scores)
         scores.insert(0, pipeline_scores)
         registered.insert(0, (pipeline, pipeline_model_name))

@@ -47,6 +47,7 @@ TAG_REVISION = "phi3.resolved_revision"
 TAG_TOTAL_BYTES = "phi3.total_bytes"
 TAG_ARCHITECTURE = "phi3.architecture"
 TAG_FETCH_RUN_ID = "phi3.fetch_run_id"
+TAG_DTYPE = "phi3.dtype"  # on a log_pipeline run: the dtype the pipeline was logged in (what "auto" resolved to)
 TAG_ONNX_SOURCE = "phi3.onnx_source"  # "converted" by the model builder, or "as-fetched"
 # Entry-point parameters are recorded as run params by MLflow Projects (`mlflow run`); steps log
 # only what they derive, as tags.

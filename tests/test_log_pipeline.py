@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from conftest import assert_failed_with, in_fresh_process, mlflow_run, model_uri_of
+from conftest import assert_failed_with, assert_ok, in_fresh_process, mlflow_run, model_uri_of
 from phi3flow import settings
 
 SEED_MESSAGES = [{"role": "user", "content": settings.SEED_QUESTION}]
@@ -35,6 +37,18 @@ def test_run_holds_a_transformers_chat_model_with_lineage(pipeline_run, fetch_ru
     # The seed's question is the input example, saved without MLflow's reload-and-generate check.
     assert "What is the capital of Spain?" in open(f"{local}/input_example.json").read()
     assert client.get_registered_model("phi3-pipeline-test").latest_versions
+
+
+def test_default_dtype_is_the_checkpoints_own(fetch_run_id, tiny_dir, tracking_uri, tmp_path):
+    """dtype=auto: the bf16 tiny checkpoint is logged in bf16, no bigger on disk than the checkpoint."""
+    result = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id}, tracking_uri)
+    run = mlflow.MlflowClient().get_run(assert_ok(result))
+    assert run.data.params["dtype"] == "auto" and run.data.tags[settings.TAG_DTYPE] == "bfloat16"
+    assert "dtype auto: the checkpoint's bfloat16" in result.stdout
+    local = Path(mlflow.artifacts.download_artifacts(model_uri_of(result), dst_path=str(tmp_path)))
+    logged = sum(f.stat().st_size for f in local.rglob("*.safetensors"))
+    checkpoint = sum(f.stat().st_size for f in Path(tiny_dir).glob("*.safetensors"))
+    assert 0 < logged <= 1.05 * checkpoint
 
 
 def test_reloaded_model_answers_in_openai_chat_format(pipeline_run, tiny_dir, tracking_uri):
@@ -84,7 +98,7 @@ def test_bad_input_fails_with_one_line(case, fetch_run_id, tracking_uri):
     expected = {
         "unknown-run": "no run with ID '0123456789abcdef'",
         "run-without-model": "is it a fetch_model run?",
-        "bad-dtype": "dtype must be one of float32, bfloat16, float16, not 'int3'",
+        "bad-dtype": "dtype must be one of auto, float32, bfloat16, float16, not 'int3'",
     }[case]
     assert_failed_with(result, expected)
 
