@@ -8,6 +8,7 @@ none of them can vanish offline; a scorer that produced no value fails the evalu
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -212,6 +213,12 @@ def evaluate_model(
         except Exception:
             if not failures:
                 raise
+        finally:
+            # One model in memory at a time: the next one loads only after this one's weights are
+            # freed (the ONNX model's generation thread ends with it, see onnx_pyfunc.py).
+            del model
+            forget_last_code_model()
+            gc.collect()
     if failures:  # the model refused a request (e.g. max_tokens beyond its context): the user's to fix
         raise UserError(f"the {label} model failed to answer: {failures[0]}")
     missing = [name for name in metric_names(scorers) if name not in result.metrics]
@@ -219,6 +226,16 @@ def evaluate_model(
         raise RuntimeError(f"{label}: scorers produced no value for {', '.join(missing)}; see the traces of run {child.info.run_id}")
     ordered = [answers[json.dumps(row.messages)] for row in rows]
     return ModelScores(label, model_uri, child.info.run_id, dict(result.metrics), ordered)
+
+
+def forget_last_code_model() -> None:
+    """Drop MLflow's own reference to the last model loaded from code, so it can be freed.
+
+    Loading a models-from-code model (phi3-onnx) leaves the model object in
+    `mlflow.models.model.__mlflow_model__` until the next such load (mlflow/models/utils.py,
+    `_load_model_code_path`); MLflow has no call to clear it.
+    """
+    mlflow.models.model.__mlflow_model__ = None
 
 
 class Progress:

@@ -38,6 +38,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -261,7 +262,14 @@ class Batcher:
         self._last_size = 0
         self._waiting: deque[Job] = deque()
         self._wakeup = threading.Condition()
+        self._stopped = False
         threading.Thread(target=self._loop, name="phi3-onnx-batcher", daemon=True).start()
+
+    def stop(self) -> None:
+        """End the generation thread once no job waits, so the model it holds can be freed."""
+        with self._wakeup:
+            self._stopped = True
+            self._wakeup.notify()
 
     def submit(self, jobs: list[Job]) -> None:
         with self._wakeup:
@@ -279,6 +287,8 @@ class Batcher:
             while len(self._waiting) < target and time.monotonic() < until:
                 self._wakeup.wait(until - time.monotonic())
             while not self._waiting:
+                if self._stopped:
+                    return []
                 self._wakeup.wait()
             # Concurrent clients reach the batcher one after another, milliseconds apart: an idle
             # batcher that started on the first would leave the others a whole generation behind.
@@ -307,8 +317,8 @@ class Batcher:
             return batch
 
     def _loop(self) -> None:
-        while True:
-            rows = [Row(job, self.tokenizer.create_stream(), self.eos) for job in self._next_batch()]
+        while jobs := self._next_batch():  # none: stopped
+            rows = [Row(job, self.tokenizer.create_stream(), self.eos) for job in jobs]
             try:
                 self._generate(rows)
             except Exception as error:  # one failed batch must not stop the server
@@ -465,6 +475,9 @@ class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
             burst_s=float(config.get("batch_burst_ms", 10)) / 1000,  # models logged before it existed: 10 ms
             rope_switch=long_rope_switch(folder),
         )
+        # The batcher's thread holds the onnxruntime-genai model: when this model object is let go
+        # (evaluate scores one model after the other), the thread must end too, or the weights stay.
+        weakref.finalize(self, self.batcher.stop)
 
     def _load_tokenizers(self, tokenizer_json: Path) -> None:
         """The model's tokenizer (the same file og uses) for building prompt ids from data.

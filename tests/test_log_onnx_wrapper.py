@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -22,6 +23,7 @@ from conftest import assert_failed_with, assert_ok, in_fresh_process, invoke_ste
 from phi3flow import onnx_model, settings, step_process
 from phi3flow.errors import UserError
 from phi3flow.eval_data import PROJECT_ROOT
+from phi3flow.evaluation import forget_last_code_model
 from phi3flow.onnx_convert import convert
 from steps import fetch_model as fetch_model_step
 from steps import log_onnx_wrapper as log_onnx_wrapper_step
@@ -161,6 +163,24 @@ def test_requests_that_reach_an_idle_model_together_share_one_batch(onnx_fp32_mo
         batcher._generate, (batcher.gather_s, batcher.burst_s) = generate, windows
     assert sizes == [8]
     assert all(_content(a) for a in answers)
+
+
+def test_a_model_let_go_ends_its_generation_thread(onnx_fp32_run):
+    """evaluate scores one model after the other: the first one's weights must not stay behind."""
+    def generation_threads() -> int:
+        return sum(t.name == "phi3-onnx-batcher" for t in threading.enumerate())
+
+    before = generation_threads()
+    model = mlflow.pyfunc.load_model(model_uri_of(onnx_fp32_run))
+    assert _content(model.predict({**SEED, "max_tokens": 2}))
+    assert generation_threads() == before + 1
+    del model
+    forget_last_code_model()  # as evaluate does after each model
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while generation_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert generation_threads() == before
 
 
 @pytest.mark.parametrize(
