@@ -93,10 +93,10 @@ class LogLines(io.TextIOBase):
         self._redrawing = False
 
     def _line(self, line: str) -> None:
-        redrawn = "\r" in line
-        line = line.rstrip("\r").rpartition("\r")[2]
-        if redrawn and not line.strip():  # a bar that erased itself
-            return
+        if "\r" in line:
+            line = line.rstrip("\r").rpartition("\r")[2].rstrip()  # tqdm pads a redraw with spaces
+            if not line:  # a bar that erased itself
+                return
         if self.merge is not None and self.merge.fullmatch(line):
             self._count += 1
             if self._count > 1:
