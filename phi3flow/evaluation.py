@@ -26,7 +26,7 @@ from mlflow.entities import SpanType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.genai.scorers import Scorer, scorer
 
-from phi3flow import registry, report, settings
+from phi3flow import output, registry, report, settings
 from phi3flow.errors import UserError
 from phi3flow.eval_data import EvalData, EvalRow
 
@@ -170,6 +170,12 @@ def evaluate_model(
     """
     print(f"[{label}] loading {model_uri} ...", flush=True)
     model = mlflow.pyfunc.load_model(model_uri)
+    # Two warnings of the pipeline model (MLflow's transformers flavor) that are harmless here:
+    # top_k=1 below is ignored by a pipeline logged greedy (sampling=false), which answers greedily
+    # anyway; and the flavor decodes with clean_up_tokenization_spaces=True, which transformers
+    # rightly skips for a BPE tokenizer (the clean-up would remove spaces before punctuation).
+    output.drop_log_message("transformers.generation.configuration_utils", "The following generation flags are not valid and may be ignored: ['top_k']")
+    output.drop_log_message("transformers.tokenization_utils_tokenizers", "Ignoring clean_up_tokenization_spaces=True")
     answers: dict[str, str] = {}
     failures: list[str] = []
     lock = threading.Lock()
@@ -209,7 +215,8 @@ def evaluate_model(
     with mlflow.start_run(run_name=f"{label} · {detail}" if detail else label, nested=True, tags=model_tags) as child:
         print(f"[{label}] answering {len(rows)} prompts (max_tokens={max_tokens}, greedy) ...", flush=True)
         try:
-            result = mlflow.genai.evaluate(data=data, predict_fn=predict, scorers=scorers, model_id=logged_model_id)
+            with output.bounded():  # MLflow's "Evaluating" bar has no switch: in a log, its last state
+                result = mlflow.genai.evaluate(data=data, predict_fn=predict, scorers=scorers, model_id=logged_model_id)
         except Exception:
             if not failures:
                 raise

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
+from phi3flow import output
 from phi3flow.errors import UserError
 
 PRECISIONS = ("int4", "fp32")
@@ -14,6 +16,7 @@ EXECUTION_PROVIDERS = ("cpu",)
 # Microsoft's published cpu-int4-rtn-block-32-acc-level-4 variant. The builder silently ignores
 # the older `int4_`-prefixed spellings of these options.
 INT4_OPTIONS = {"block_size": "32", "accuracy_level": "4", "algo_config": "rtn"}
+BUILDER_LAYER_LINE = re.compile(r"Reading layer \d+")  # the builder prints one per layer (32 for Phi-3-mini)
 
 
 def check_options(precision: str, execution_provider: str) -> None:
@@ -37,7 +40,11 @@ def convert(src: Path, out: Path, precision: str = "int4", execution_provider: s
         extra.append("windowed_kv_cache=false")
     cache = out.parent / f"{out.name}.builder-cache"
     options = parse_extra_options(None, str(src), str(out), precision, execution_provider, str(cache), extra)
-    create_model(None, str(src), str(out), precision, execution_provider, str(cache), **options)
+    # In a log, the builder's phase lines stay; its per-tensor progress (a bar while saving, and
+    # the quantizer's own carriage-return bar, which no switch turns off) shows as its last state,
+    # and one "Reading layer N" line per layer as the first and last. Error output stays whole.
+    with output.bounded(merge=BUILDER_LAYER_LINE):
+        create_model(None, str(src), str(out), precision, execution_provider, str(cache), **options)
     shutil.rmtree(cache, ignore_errors=True)
     if window is not None:
         apply_sliding_window(out / "model.onnx", window)

@@ -38,6 +38,7 @@ import queue
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -445,7 +446,25 @@ def _number_of_threads(value: str, threads_env: str) -> int:
     return int(value)
 
 
-class Phi3OnnxModel(mlflow.pyfunc.PythonModel):
+# MLflow warns, each time the model class is defined (every load of this file), that `predict` has
+# no type hint for its input. Harmless: the input's form is the signature logged with the model
+# (MLflow checks requests against it), and the forms predict takes (a dict, a list, a DataFrame) fit
+# no one hint; a hint would also make MLflow convert the input. MLflow turns the warning on inside
+# its own check (a "once" filter), where no warnings filter of ours applies: it is caught there,
+# by its message, and any other warning passes on.
+TYPE_HINT_WARNING = re.compile(r"(\x1b\[\d+m)?Add type hints to the `predict` method")
+
+
+class _NoTypeHintWarning(mlflow.pyfunc.PythonModel):
+    def __init_subclass__(cls, **kwargs) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            super().__init_subclass__(**kwargs)  # PythonModel's: wraps predict, checks its type hints
+        for warning in caught:
+            if not (issubclass(warning.category, UserWarning) and TYPE_HINT_WARNING.match(str(warning.message))):
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno, source=warning.source)
+
+
+class Phi3OnnxModel(_NoTypeHintWarning):
     def load_context(self, context) -> None:
         config = dict(context.model_config or {})
         self.interface = config.get("interface", "chat")

@@ -9,7 +9,7 @@ import mlflow
 from mlflow.models import Model
 from mlflow.models.model import ModelInfo
 
-from phi3flow import settings
+from phi3flow import output, settings
 from phi3flow.errors import UserError
 
 # "auto": the checkpoint's own dtype (config.json), transformers 5's default. Upcasting Phi-3-mini's bf16
@@ -52,6 +52,10 @@ def log_pipeline_model(
     # the temporary download folder means nothing to a user, the model id does.
     pipe.model.name_or_path = model_id
     print("logging the pipeline with MLflow's transformers flavor ...", flush=True)
+    # MLflow looks up the model card on the Hub by the model's name: offline (above), or for a
+    # name that is no Hub id (builtin:..., a folder), it warns that it could not. Harmless: the
+    # card is documentation, the logged model is complete without it.
+    output.drop_log_message("mlflow.transformers", "The model card could not be retrieved from the hub")
     # Model.log with the transformers flavor is what mlflow.transformers.log_model calls, with one
     # difference: validate_serving_input=False. The validation reloads a second copy of the model
     # from the saved files while this one is still in memory and generates with it (peak RSS 2.1x

@@ -144,6 +144,15 @@ TRACKING_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
 
+# Output: third-party progress bars only on a terminal. Where a step's stderr is not one (a log
+# file, a pipe, CI) these switches turn them off (phi3flow/output.py); values set in the
+# environment win. The bars without a switch (MLflow's "Evaluating", the onnxruntime-genai
+# builder's) are reduced to their last state there.
+PROGRESS_BARS_OFF = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub's, and transformers' (Loading weights, Writing model shards)
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # MLflow's "Downloading artifacts"
+}
+
 
 # What the MLflow UI shows: run names, the default experiment, descriptions, the promotion's compare-and-set
 DEFAULT_EXPERIMENT_NAME = "phi3flow"  # where `mlflow run .` lands unless MLFLOW_EXPERIMENT_NAME/_ID or --experiment-name say otherwise

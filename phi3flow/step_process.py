@@ -7,6 +7,7 @@ stopped and cleaned up whoever started it and whichever of its processes was kil
   left RUNNING by a hard kill.
 - Tracking-server requests give up after a bounded number of retries (settings.TRACKING_HTTP_DEFAULTS).
 - Its temporary files live in <tmp root>/<host>-<pid>; folders of dead processes are removed.
+- Third-party progress bars show only on a terminal (output.quiet_progress_bars).
 - main holds the run lock of its tracking server and experiment for its whole life; the steps it
   starts share it, so the lock is free only once every process of the run has ended.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import mlflow
 
-from phi3flow import settings
+from phi3flow import output, settings
 from phi3flow.errors import UserError
 
 LOCK_REFUSED = "another run of main is in progress"  # the start of main's one line when the lock is held
@@ -71,6 +72,7 @@ def start() -> None:
     _started = True
     for name, value in settings.TRACKING_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    output.quiet_progress_bars()
     die_with_parent()
     signal.signal(signal.SIGTERM, _interrupt)
     share_run_lock()
