@@ -44,8 +44,9 @@ sys.path.insert(0, str(HERE))
 
 from probe import WARMUP_TOKENS, http_asker, median_of, requested  # noqa: E402
 from rss import TreeSampler, run_measured  # noqa: E402
-from phi3flow import local_server  # noqa: E402
 from step_memory import LIMIT, child_env, ensure_experiment, measure_step, run_id_from  # noqa: E402
+
+from phi3flow import local_server  # noqa: E402
 
 # Targets the numbers are reported against (never assumed met).
 GOALS = {

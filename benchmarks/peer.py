@@ -124,6 +124,7 @@ def prepare(workdir: Path, num_layers: int, llama_cpp_src: Path | None, threads:
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(HERE))
     import phi3_mini_shaped
+
     from phi3flow.onnx_convert import convert
 
     checkpoint = workdir / "checkpoint-bf16"

@@ -109,7 +109,7 @@ class TreeSampler:
                 self.samples.append((time.monotonic() - self.t_start, rss, anon, file_, n))
             self._done.wait(self.interval)
 
-    def start(self) -> "TreeSampler":
+    def start(self) -> TreeSampler:
         self._thread.start()
         return self
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import subprocess
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -122,7 +122,7 @@ def run_id_or_newest(run_id: str, entry_point: str, parameter: str) -> str:
         raise UserError(f"{parameter} is empty and experiment {experiment_id} has no FINISHED {entry_point} run: "
                         f"run fetch_model or main first, or pass -P {parameter}=<run id>")
     found = runs[0]
-    started = datetime.fromtimestamp(found.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    started = datetime.fromtimestamp(found.info.start_time / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     print(f"{parameter} not given: using the newest FINISHED {entry_point} run {found.info.run_id} "
           f"({found.data.tags.get(settings.TAG_MODEL_ID, 'model unknown')}, started {started})", flush=True)
     return found.info.run_id

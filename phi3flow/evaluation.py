@@ -223,7 +223,7 @@ def evaluate_model(
         finally:
             # One model in memory at a time: the next one loads only after this one's weights are
             # freed (the ONNX model's generation thread ends with it, see onnx_pyfunc.py).
-            del model
+            model = None  # predict, which refers to it, is not called again
             forget_last_code_model()
             gc.collect()
     if failures:  # the model refused a request (e.g. max_tokens beyond its context): the user's to fix
@@ -321,7 +321,7 @@ def evaluate_and_promote(
         scores.insert(0, pipeline_scores)
         registered.insert(0, (pipeline, pipeline_model_name))
     versions = [registry.register(model, name) for model, name in registered]
-    candidates = [_candidate(s, v) for s, v in zip(scores, versions)]
+    candidates = [_candidate(s, v) for s, v in zip(scores, versions, strict=True)]
 
     decision, champion, compared = promote(candidates, champion_before, scores, data, max_tokens, tolerance, names)
     client = mlflow.MlflowClient()
@@ -407,7 +407,7 @@ def describe(run: mlflow.entities.RunInfo, scores: list[ModelScores], candidates
     )
     mlflow.set_tag(report.NOTE_TAG, note)
     client = mlflow.MlflowClient()
-    for c, s in zip(candidates, scores):
+    for c, s in zip(candidates, scores, strict=True):
         is_champion = registry.same_version(c.version, decision.champion.version)
         client.update_model_version(c.version.name, c.version.version, report.version_note(
             run.experiment_id, run.run_id, run.run_name, s.metrics, is_champion, decision.reason, registry.ref_of(compared)))

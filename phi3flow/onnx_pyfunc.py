@@ -33,8 +33,8 @@ import contextlib
 import json
 import math
 import os
-import re
 import queue
+import re
 import threading
 import time
 import uuid
@@ -405,7 +405,7 @@ class Pass:
         self.steps += 1
         tokens = self.generator.get_next_tokens()
         now = time.monotonic()
-        for row, token in zip(self.rows, tokens):
+        for row, token in zip(self.rows, tokens, strict=True):
             if not row.done:
                 row.take(int(token))
             if not row.done:

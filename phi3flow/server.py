@@ -387,7 +387,7 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else "-"
+            client = "{}:{}".format(*scope["client"]) if scope.get("client") else "-"
             log.info("%s %s %s %s %.3fs %s", client, scope["method"], scope["path"], status[0],
                      time.monotonic() - start, state.get("outcome", ""))
 

@@ -23,8 +23,8 @@ from urllib.parse import unquote, urlparse
 
 import psycopg2
 import pytest
-
 from conftest import BIN
+
 from phi3flow import local_server
 
 POSTGRES_INSTALL = "apt-get update && apt-get install -y postgresql"

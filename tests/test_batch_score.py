@@ -8,8 +8,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-
 from conftest import assert_failed_with, assert_ok, mlflow_run, model_uri_of
+
 from phi3flow.batch import batch_score, spark_session
 from phi3flow.errors import UserError
 

@@ -13,7 +13,6 @@ import sys
 
 import mlflow
 import pytest
-
 from conftest import REPO
 
 PATHS = ["raw int4", "raw fp32", "pyfunc int4 (stream)", "served int4", "pipeline fp32"]

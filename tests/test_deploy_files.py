@@ -14,7 +14,6 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-
 from conftest import BIN, REPO, model_uri_of, step_env
 
 K8S_VERSION = "1.33"  # a supported Kubernetes release; the schemas ship with kubernetes-validate

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-import re
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,15 +12,23 @@ import matplotlib.image
 import mlflow
 import pandas as pd
 import pytest
+from conftest import assert_failed_with, assert_ok, mlflow_run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-
-from conftest import assert_failed_with, assert_ok, mlflow_run
 from servers import MlflowServer
+
 from phi3flow import settings
 from phi3flow.errors import UserError
 from phi3flow.eval_data import PROJECT_ROOT, load_eval_data
-from phi3flow.evaluation import AGREEMENT_SCORERS, Progress, COST_SCORERS, QUALITY_SCORERS, metric_names, rouge_l_f1, token_overlap_f1
+from phi3flow.evaluation import (
+    AGREEMENT_SCORERS,
+    COST_SCORERS,
+    QUALITY_SCORERS,
+    Progress,
+    metric_names,
+    rouge_l_f1,
+    token_overlap_f1,
+)
 from phi3flow.registry import Candidate, ChampionMoved, Decision, apply, decide
 
 BUNDLED_ROWS = len((PROJECT_ROOT / settings.BUNDLED_EVAL_FILE).read_text().splitlines())
@@ -167,7 +175,7 @@ def own_answers(onnx_fp32_model, tmp_path_factory) -> str:
         for p in prompts
     ]
     data = tmp_path_factory.mktemp("own") / "own_answers.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in zip(prompts, references)))
+    data.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in zip(prompts, references, strict=True)))
     return str(data)
 
 

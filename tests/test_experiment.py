@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import mlflow
-
 from conftest import BIN, REPO, step_env
+
 from phi3flow import settings
 from phi3flow.experiment import runs_this_project
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from conftest import REPO, assert_failed_with, assert_ok, invoke_step, mlflow_run
+from servers import FakeHub, HubRepo
 from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
-from conftest import REPO, assert_failed_with, assert_ok, invoke_step, mlflow_run
 from phi3flow import fetch, settings
 from phi3flow.artifacts import download_fetched_model
 from phi3flow.errors import UserError
 from phi3flow.onnx_convert import convert
-from servers import FakeHub, HubRepo
 from steps import fetch_model as fetch_model_step
 
 

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import assert_failed_with, assert_ok, in_fresh_process, invoke_step, mlflow_run, model_uri_of
 from mlflow.exceptions import MlflowException
 from transformers import Phi3Config, Phi3ForCausalLM
 
-from conftest import assert_failed_with, assert_ok, in_fresh_process, invoke_step, mlflow_run, model_uri_of
 from phi3flow import onnx_model, settings, step_process
 from phi3flow.errors import UserError
 from phi3flow.eval_data import PROJECT_ROOT

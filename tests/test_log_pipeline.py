@@ -7,9 +7,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from conftest import assert_failed_with, assert_ok, in_fresh_process, mlflow_run, model_uri_of
 from transformers import AutoTokenizer
 
-from conftest import assert_failed_with, assert_ok, in_fresh_process, mlflow_run, model_uri_of
 from phi3flow import settings
 
 SEED_MESSAGES = [{"role": "user", "content": settings.SEED_QUESTION}]

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
 from conftest import BIN, REPO, StepResult, assert_ok, mlflow_run, step_env, wait_for
+
 from phi3flow import settings
 from phi3flow.chain import code_version
 

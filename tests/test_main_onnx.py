@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import mlflow
-
 from conftest import REPO, assert_ok, mlflow_run
+
 from phi3flow import settings
 
 

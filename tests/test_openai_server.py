@@ -24,10 +24,10 @@ import onnxruntime_genai as og
 import openai
 import pytest
 import requests
+from conftest import BIN, REPO, model_uri_of, step_env
 from mlflow.exceptions import MlflowException
 from transformers import AutoTokenizer
 
-from conftest import BIN, REPO, model_uri_of, step_env
 from phi3flow import local_server, settings
 
 API_KEY = "test-key-4c1f"

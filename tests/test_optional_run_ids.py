@@ -6,8 +6,8 @@ import os
 
 import mlflow
 import pytest
-
 from conftest import assert_ok, mlflow_run
+
 from phi3flow import settings
 from phi3flow.chain import run_id_or_newest
 from phi3flow.errors import UserError

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import yaml
-
 from conftest import REPO
 
 
@@ -38,3 +40,11 @@ def test_mlproject_declares_the_entry_points():
 def test_ci_runs_exactly_the_readme_test_command():
     ci_command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci_command in (REPO / "README.md").read_text()
+
+
+def test_ruff_finds_nothing():
+    """The lint configured in pyproject.toml ([tool.ruff]) is clean."""
+    ruff = Path(sys.executable).with_name("ruff")
+    result = subprocess.run([str(ruff), "check", "--no-cache", "--output-format", "concise", "."],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

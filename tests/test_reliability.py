@@ -16,11 +16,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
 from conftest import BIN, REPO, StepResult, assert_failed_with, mlflow_run, step_env, wait_for
+from servers import MlflowServer
+
 from phi3flow import chain, settings, step_process
 from phi3flow.errors import UserError, outage_message
-from servers import MlflowServer
 
 SCRIPT = REPO / "scripts" / "scheduled_run.sh"
 
@@ -173,7 +173,8 @@ def test_outage_message_names_the_first_failed_call():
                                   "exception HTTPConnectionPool(host='tracking.example', port=5000): Max retries exceeded "
                                   "(Caused by NewConnectionError(\"...: [Errno 111] Connection refused\"))")
         except MlflowException:
-            raise MlflowException("API request to http://tracking.example:5000/api/2.0/mlflow/runs/update failed with exception ...")
+            # not "from": an implicit __context__ is what MLflow's retries leave, and what is tested here
+            raise MlflowException("API request to http://tracking.example:5000/api/2.0/mlflow/runs/update failed with exception ...")  # noqa: B904
     except MlflowException as exc:
         line = outage_message(exc)
     assert line.startswith("the tracking server http://tracking.example:5000 failed the call /api/2.0/mlflow/runs/log-batch")

@@ -19,11 +19,11 @@ from pathlib import Path
 import mlflow
 import psycopg2
 import pytest
-from mlflow.server import get_app_client
-
 from conftest import REPO, assert_ok, in_fresh_process, mlflow_run, step_env
-from phi3flow import settings
+from mlflow.server import get_app_client
 from servers import MlflowServer, postgres
+
+from phi3flow import settings
 
 ALICE, ALICE_PASSWORD = "alice", "alice-" + secrets.token_urlsafe(16)
 ADMIN, ADMIN_PASSWORD = "admin", "admin-" + secrets.token_urlsafe(16)

@@ -20,8 +20,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
-
 from conftest import BIN, assert_ok, mlflow_run, model_uri_of, step_env
+
 from phi3flow import local_server, settings
 
 SEED_CHAT = {"messages": [{"role": "user", "content": settings.SEED_QUESTION}]}
