@@ -407,7 +407,7 @@ def describe(run: mlflow.entities.RunInfo, scores: list[ModelScores], candidates
     )
     mlflow.set_tag(report.NOTE_TAG, note)
     client = mlflow.MlflowClient()
-    for c, s in zip(candidates, scores, strict=True):
+    for c, s in zip(candidates, scores, strict=False):  # scores may end with the re-measured champion's
         is_champion = registry.same_version(c.version, decision.champion.version)
         client.update_model_version(c.version.name, c.version.version, report.version_note(
             run.experiment_id, run.run_id, run.run_name, s.metrics, is_champion, decision.reason, registry.ref_of(compared)))
