@@ -184,7 +184,7 @@ def main() -> None:
         "model": "tiny-int4" if args.model == "tiny" else f"phi3-mini-shaped-{args.num_layers}L-int4",
         "max_tokens": args.max_tokens, "rounds": rounds, "ratios": {k: round(v, 3) for k, v in ratios.items()}, "goals": GOALS,
         "nproc": os.cpu_count(), "session_options": json.loads((onnx_dir / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {}),
-        "note": "the machine was shared with other work while this ran: see loadavg_1m beside each number",
+        "note": "the 1-minute load average beside each number says how busy the machine was (2 CPUs: above 2, other work competed)",
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "serve_openai.json").write_text(json.dumps(report, indent=2) + "\n")
