@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,28 @@ def test_both_models_give_the_same_greedy_answer(onnx_server, pipeline_server):
     onnx, pipeline = _chat(onnx_server, QUESTION, max_tokens=16), _chat(pipeline_server, QUESTION, max_tokens=16)
     assert onnx.choices[0].message.content == pipeline.choices[0].message.content
     assert onnx.usage.prompt_tokens == pipeline.usage.prompt_tokens
+
+
+def test_sixteen_clients_get_the_serial_answers(onnx_server):
+    """16 `openai` clients x 10 requests at once, each client in its own order (so batches mix different
+    requests and lengths): every answer is the one the request gets alone."""
+    questions = [[{"role": "user", "content": f"Question {i}: what is {i} times {i + 3}?"}] for i in range(10)]
+    lengths = [8 + 3 * i for i in range(10)]
+
+    def answer(i: int) -> str:
+        return _chat(onnx_server, questions[i], max_tokens=lengths[i]).choices[0].message.content
+
+    serial = [answer(i) for i in range(10)]
+    assert len(set(serial)) > 5  # the requests really differ
+
+    def client(k: int) -> list[str]:
+        answers = [""] * 10
+        for i in ((k + j) % 10 for j in range(10)):
+            answers[i] = answer(i)
+        return answers
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        assert list(pool.map(client, range(16))) == [serial] * 16
 
 
 def test_stop_sequences_end_the_answer_before_them(onnx_server):
