@@ -82,6 +82,25 @@ class MlflowServer:
         self.stop()
 
 
+@contextmanager
+def serving_process(cmd_for_port, log: Path, cwd: Path, env: dict[str, str], health_path: str,
+                    timeout_s: float) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A model server (`mlflow models serve`, `serve`) started on a free port with its output in log:
+    (its URL, its process) once health_path answers; the test fails with the log's tail if it never
+    does. Stopped (its whole session) however the test ends."""
+    port = local_server.free_port()
+    process = local_server.spawn(cmd_for_port(port), log, cwd=cwd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            local_server.wait_until_up(process, f"{url}{health_path}", log, timeout_s=timeout_s)
+        except local_server.ServerFailed as exc:
+            pytest.fail(str(exc))
+        yield url, process
+    finally:
+        local_server.stop(process, grace_s=15)
+
+
 def _postgres_bin(name: str) -> str:
     """A PostgreSQL server program: on PATH, or where Debian's packages put it."""
     found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)

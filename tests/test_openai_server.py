@@ -27,9 +27,10 @@ import pytest
 import requests
 from conftest import BIN, REPO, model_uri_of, step_env
 from mlflow.exceptions import MlflowException
+from servers import serving_process
 from transformers import AutoTokenizer
 
-from phi3flow import local_server, settings
+from phi3flow import settings
 
 API_KEY = "test-key-4c1f"
 QUESTION = [{"role": "user", "content": settings.SEED_QUESTION}]
@@ -85,18 +86,9 @@ class Server:
 
 @contextmanager
 def serving(cmd_for_port, model_id: str, workdir: Path, tracking_uri: str, **env: str) -> Iterator[Server]:
-    port = local_server.free_port()
     log = workdir / "server.log"
-    process = local_server.spawn(cmd_for_port(port), log, cwd=REPO, env=step_env(tracking_uri, HF_HUB_OFFLINE="1", **env))
-    server = Server(f"http://127.0.0.1:{port}", process, log, model_id)
-    try:
-        try:
-            local_server.wait_until_up(process, f"{server.url}/health", log, timeout_s=300)
-        except local_server.ServerFailed as exc:
-            pytest.fail(str(exc))
-        yield server
-    finally:
-        local_server.stop(process, grace_s=15)
+    with serving_process(cmd_for_port, log, REPO, step_env(tracking_uri, HF_HUB_OFFLINE="1", **env), "/health", 300) as (url, process):
+        yield Server(url, process, log, model_id)
 
 
 def _step_cmd(model_uri: str):

@@ -21,8 +21,9 @@ import mlflow
 import pytest
 import requests
 from conftest import BIN, assert_ok, mlflow_run, model_uri_of, step_env
+from servers import serving_process
 
-from phi3flow import local_server, settings
+from phi3flow import settings
 
 SEED_CHAT = {"messages": [{"role": "user", "content": settings.SEED_QUESTION}]}
 SHORT = {**SEED_CHAT, "max_tokens": 8}  # the valid request sent after every bad one
@@ -57,19 +58,12 @@ class Server:
 @contextmanager
 def served(model_uri: str, tracking_uri: str, workdir: Path, *extra: str) -> Iterator[Server]:
     """`mlflow models serve` on a free port; stopped (its whole session) however the test ends."""
-    port = local_server.free_port()
+    def cmd(port: int) -> list[str]:
+        return [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local", *extra]
+
     log = workdir / "server.log"
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local", *extra]
-    process = local_server.spawn(cmd, log, cwd=workdir, env=step_env(tracking_uri, HF_HUB_OFFLINE="1"))
-    server = Server(f"http://127.0.0.1:{port}", process, log)
-    try:
-        try:
-            local_server.wait_until_up(process, f"{server.url}/ping", log, timeout_s=180)
-        except local_server.ServerFailed as exc:
-            pytest.fail(str(exc))
-        yield server
-    finally:
-        local_server.stop(process, grace_s=15)
+    with serving_process(cmd, log, workdir, step_env(tracking_uri, HF_HUB_OFFLINE="1"), "/ping", 180) as (url, process):
+        yield Server(url, process, log)
 
 
 def _champion(model_uri: str, name: str) -> str:
