@@ -289,9 +289,10 @@ def test_a_request_over_the_server_timeout_gets_a_clear_error_and_the_server_goe
     waited = time.monotonic() - start
     assert response.status_code == 504, response.text[:2000]
     assert "request timeout (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT)" in _message(response)
-    assert waited < REQUEST_TIMEOUT_S + 2
-    # The rows left were dropped, not computed: the next request is answered at once.
+    assert waited < REQUEST_TIMEOUT_S + 5
+    # The rows left were dropped, not computed: the next request does not wait behind them. Computing
+    # them would take minutes; the bound leaves room for a loaded CI machine (2.1 s was seen there).
     start = time.monotonic()
     answer = prompt_server.post({"prompt": settings.SEED_PROMPT, "max_tokens": 6})
     assert answer.status_code == 200 and isinstance(answer.json()[0], str)
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 15
