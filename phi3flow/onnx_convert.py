@@ -2,21 +2,58 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import multiprocessing
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import chdir, contextmanager
 from pathlib import Path
 
 from phi3flow import output
 from phi3flow.errors import UserError
+from phi3flow.step_process import die_with_parent
 
 PRECISIONS = ("int4", "fp32")
 EXECUTION_PROVIDERS = ("cpu",)
 # Microsoft's published cpu-int4-rtn-block-32-acc-level-4 variant. The builder silently ignores
 # the older `int4_`-prefixed spellings of these options.
 INT4_OPTIONS = {"block_size": "32", "accuracy_level": "4", "algo_config": "rtn"}
+CONVERSION_RSS_RATIO = 1.4  # peak RSS of an int4 conversion / checkpoint bytes (benchmarks/step_memory.py, full size)
 BUILDER_LAYER_LINE = re.compile(r"Reading layer \d+")  # the builder prints one per layer (32 for Phi-3-mini)
+
+
+def convert_in_child(src: Path, out: Path, precision: str = "int4", execution_provider: str = "cpu") -> Path:
+    """convert() in a process of its own, so that what the builder held is given back before the step goes on.
+
+    The step then loads the converted model (to try it and for MLflow's input-example check) with
+    none of the builder's memory (the torch model, the quantizer's buffers) still in its process.
+    """
+    check_options(precision, execution_provider)
+    # spawn, not fork: a forked copy of a process that has started threads can hang in torch.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=die_with_parent) as pool:
+        try:
+            return pool.submit(convert, src, out, precision, execution_provider).result()
+        except BrokenProcessPool:
+            shutil.rmtree(builder_cache(out), ignore_errors=True)  # the child had no chance to
+            raise UserError(
+                f"the ONNX conversion process was killed before it finished, most likely by the system's"
+                f" out-of-memory killer: converting needs about {weights_gb(src) * CONVERSION_RSS_RATIO:.0f} GB"
+                f" of memory for these {weights_gb(src):.1f} GB of weights") from None
+
+
+def builder_cache(out: Path) -> Path:
+    """Where the builder of `out` keeps its temporary files (the float weights while quantizing)."""
+    return out.parent / f"{out.name}.builder-cache"
+
+
+def weights_gb(src: Path) -> float:
+    return sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
 
 
 def check_options(precision: str, execution_provider: str) -> None:
@@ -38,14 +75,16 @@ def convert(src: Path, out: Path, precision: str = "int4", execution_provider: s
     window = sliding_window(src)
     if window is not None:
         extra.append("windowed_kv_cache=false")
-    cache = out.parent / f"{out.name}.builder-cache"
+    cache = builder_cache(out)
     options = parse_extra_options(None, str(src), str(out), precision, execution_provider, str(cache), extra)
     # In a log, the builder's phase lines stay; its per-tensor progress (a bar while saving, and
     # the quantizer's own carriage-return bar, which no switch turns off) shows as its last state,
     # and one "Reading layer N" line per layer as the first and last. Error output stays whole.
-    with output.bounded(merge=BUILDER_LAYER_LINE):
-        create_model(None, str(src), str(out), precision, execution_provider, str(cache), **options)
-    shutil.rmtree(cache, ignore_errors=True)
+    try:
+        with output.bounded(merge=BUILDER_LAYER_LINE), quantizing_from_disk():
+            create_model(None, str(src), str(out), precision, execution_provider, str(cache), **options)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)  # on failure too: it holds the float weights (15 GB for Phi-3-mini)
     if window is not None:
         apply_sliding_window(out / "model.onnx", window)
     # The checkpoint's config travels with the ONNX files: the pyfunc reads LongRoPE's switch point
@@ -53,6 +92,55 @@ def convert(src: Path, out: Path, precision: str = "int4", execution_provider: s
     # refuses unknown keys).
     shutil.copyfile(src / "config.json", out / "config.json")
     return out
+
+
+@contextmanager
+def quantizing_from_disk() -> Iterator[None]:
+    """While in it, the builder quantizes to int4 from float weights written to disk, not held in memory.
+
+    Why: the builder (onnxruntime-genai 0.18) quantizes at save time from `ir.to_proto(model)`, a
+    protobuf copy of the whole float32 graph, while the torch model it was read from is still
+    loaded: 23-30 GB for Phi-3-mini's 7.6 GB checkpoint. Here its own `to_nbits` runs unchanged on a
+    graph whose float weights were first streamed to disk one tensor at a time and are read back
+    one MatMul at a time by the quantizer; the torch model is released before quantizing. The
+    files written are byte-identical to the builder's own (tests/test_family.py compares them), and
+    onnxruntime-genai is pinned to the version this replaces a method of.
+    """
+    # The builder imports its model classes from the top-level package `builders`, not through
+    # onnxruntime_genai.models.builders: builder.Model is the base class its Phi-3 classes use.
+    from onnxruntime_genai.models.builder import Model
+
+    builder_to_nbits = Model.to_nbits
+
+    def to_nbits_from_disk(model: Model):
+        import onnx_ir as ir
+
+        staging = Path(model.cache_dir) / "float-weights"
+        staging.mkdir(parents=True, exist_ok=True)
+        print(f"Writing float weights to {staging} before quantizing", flush=True)
+        ir.save(model.model, staging / "model.onnx", external_data="model.onnx.data", size_threshold_bytes=0)
+        # Reloaded, the weights are memory-mapped from disk. The graph read from the torch model
+        # lets go of its weights: its lazy tensors refer to the torch tensors, and the builder
+        # keeps its values (model.values) to the end.
+        float_graph = model.model.graph
+        model.model = ir.load(staging / "model.onnx")
+        for value in float_graph.initializers.values():
+            value.const_value = None
+        del float_graph
+        gc.collect()
+        # ORT's RTN quantizer reads each external weight relative to the working directory.
+        with chdir(staging):
+            quantized = builder_to_nbits(model)
+        ir.external_data.set_base_dir(quantized.graph, staging)  # the weights it left float (embedding, norms)
+        return quantized
+
+    # Its advice (pass a path, not a model object) is what is done here: the model object's weights are on disk.
+    output.drop_log_message("neural_compressor", "Model size > 2GB. Please use model path instead")
+    Model.to_nbits = to_nbits_from_disk
+    try:
+        yield
+    finally:
+        Model.to_nbits = builder_to_nbits
 
 
 def sliding_window(src: Path) -> int | None:

@@ -15,7 +15,7 @@ from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 from phi3flow import settings
 from phi3flow.errors import UserError
 from phi3flow.fetch import first_line
-from phi3flow.onnx_convert import convert
+from phi3flow.onnx_convert import convert_in_child
 from phi3flow.threads import parse_threads, write_session_options
 
 INTERFACES = ("chat", "prompt")
@@ -32,7 +32,7 @@ def onnx_folder(model_dir: Path, workdir: Path, precision: str, execution_provid
         print(f"the fetched model is already an onnxruntime-genai folder ({found}): logging it without conversion", flush=True)
         return model_dir, False
     print(f"converting to ONNX ({precision}, {execution_provider}) with the onnxruntime-genai model builder ...", flush=True)
-    return convert(model_dir, workdir / "onnx", precision, execution_provider), True
+    return convert_in_child(model_dir, workdir / "onnx", precision, execution_provider), True
 
 
 def folder_precision(folder: Path) -> str:

@@ -9,6 +9,7 @@ that cross at different times.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 import transformers
 from mlflow.exceptions import MlflowException
 
-from phi3flow import onnx_model, settings, tiny
+from phi3flow import onnx_convert, onnx_model, settings, tiny
 from phi3flow.onnx_convert import convert
 
 # Words of ordinary text, cycled to make prompts of any length.
@@ -32,6 +33,7 @@ WORDS = (
 @dataclass
 class Member:
     name: str
+    src: Path
     config: dict
     pipeline: transformers.Pipeline
     fp32: mlflow.pyfunc.PyFuncModel
@@ -70,7 +72,7 @@ def member(request, tracking_uri, tmp_path_factory) -> Member:
     src = tiny.build(root / "model", name)
     pipeline = transformers.pipeline("text-generation", model=str(src), dtype=torch.float32)
     return Member(
-        name, json.loads((src / "config.json").read_text()), pipeline,
+        name, src, json.loads((src / "config.json").read_text()), pipeline,
         fp32=_log(convert(src, root / "fp32", precision="fp32")),
         int4=_log(convert(src, root / "int4", precision="int4")),
     )
@@ -133,6 +135,18 @@ def test_rows_of_one_batch_crossing_at_different_times_answer_as_alone(member):
     expected = [member.expected(prompt, 28)[0] for prompt in prompts]
     answers = member.fp32.predict([{"prompt": prompt} for prompt in prompts], params={"max_tokens": 28})
     assert answers == expected
+
+
+def test_int4_quantized_from_disk_equals_the_builders_own_conversion(member, tmp_path, capfd, monkeypatch):
+    streamed = convert(member.src, tmp_path / "streamed", precision="int4")
+    assert "Writing float weights to " in capfd.readouterr().out  # it did go through the disk
+    monkeypatch.setattr(onnx_convert, "quantizing_from_disk", contextlib.nullcontext)  # the builder left alone
+    builders = convert(member.src, tmp_path / "builders", precision="int4")
+    files = sorted(p.name for p in builders.iterdir())
+    assert "model.onnx.data" in files and files == sorted(p.name for p in streamed.iterdir())
+    differing = [f for f in files if (streamed / f).read_bytes() != (builders / f).read_bytes()]
+    assert differing == []
+    assert not (tmp_path / "streamed.builder-cache").exists()  # the float weights were removed
 
 
 def test_int4_answers_the_same_requests(member):

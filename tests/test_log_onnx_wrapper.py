@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
+import os
 import re
 import shutil
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +27,7 @@ from phi3flow import onnx_model, settings, step_process
 from phi3flow.errors import UserError
 from phi3flow.eval_data import PROJECT_ROOT
 from phi3flow.evaluation import forget_last_code_model
-from phi3flow.onnx_convert import convert
+from phi3flow.onnx_convert import builder_cache, convert, convert_in_child
 from steps import fetch_model as fetch_model_step
 from steps import log_onnx_wrapper as log_onnx_wrapper_step
 
@@ -291,3 +294,17 @@ def test_chat_interface_takes_every_documented_input_form(models_by_interface):
     forms = {"DataFrame": pd.DataFrame(requests), "list of dicts": requests}
     for form, model_input in forms.items():
         assert [a["choices"][0]["message"]["content"] for a in model.predict(model_input)] == alone, form
+
+
+def test_a_conversion_killed_by_the_system_is_one_clear_error_and_leaves_nothing(tiny_dir, tmp_path):
+    out = tmp_path / "onnx"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        converting = pool.submit(convert_in_child, tiny_dir, out, "int4")
+        deadline = time.monotonic() + 60
+        while not builder_cache(out).exists() and time.monotonic() < deadline:  # the builder has started
+            time.sleep(0.01)
+        (child,) = multiprocessing.active_children()
+        os.kill(child.pid, signal.SIGKILL)  # what the out-of-memory killer does
+        with pytest.raises(UserError, match="conversion process was killed before it finished, most likely by the system's out-of-memory killer"):
+            converting.result(timeout=60)
+    assert not builder_cache(out).exists()
