@@ -330,8 +330,10 @@ def markdown(report: dict) -> str:
 
 def llama_cpp_version() -> str:
     """The bindings' version: also when they are used in place from the sdist (not installed)."""
-    import llama_cpp
-
+    try:
+        import llama_cpp
+    except ImportError:  # a run with --only that leaves llama.cpp out
+        return "not installed"
     return llama_cpp.__version__
 
 
@@ -347,7 +349,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--ort-option", action="append", default=[], metavar="KEY=VALUE",
                         help="also run onnxruntime-genai with this session option (e.g. session.intra_op.allow_spinning=0)")
-    parser.add_argument("--only", help="run only the configurations whose name contains this text")
+    parser.add_argument("--only", action="append", help="run only the configurations whose name contains this text (repeatable)")
     parser.add_argument("--results-name", default="peer", help="results go to <results-dir>/<name>.json and .md")
     args = parser.parse_args()
     if args.worker:
@@ -358,7 +360,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     configs = CONFIGS + [(f"onnxruntime-genai int4, --threads, {option}", "ort", "onnx-int4", None, dict([option.split("=", 1)]))
                          for option in args.ort_option]
-    configs = [c for c in configs if args.only is None or args.only in c[0]]
+    configs = [c for c in configs if args.only is None or any(text in c[0] for text in args.only)]
     prepare(args.workdir, args.num_layers, args.llama_cpp_src, args.threads, any(c[1] == "llama" for c in configs))
     runs = measure(args.workdir, configs, args.rounds, args.threads, args.new_tokens)
     table = summarize(runs, configs)

@@ -58,13 +58,16 @@ def child_env(workdir: Path, tracking_uri: str, experiment_id: str | None) -> di
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path) -> str:
-    """An experiment whose artifacts live under artifact_root (never the repository's ./mlruns)."""
+    """An experiment whose artifacts live under artifact_root (never the repository's ./mlruns), or
+    where a tracking server puts them."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    if tracking_uri.startswith(("http://", "https://")):  # the server's own artifact store (proxied or not)
+        return client.create_experiment(name)
     return client.create_experiment(name, artifact_location=artifact_root.as_uri())
 
 

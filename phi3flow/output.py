@@ -36,11 +36,14 @@ def quiet_progress_bars() -> None:
         os.environ.setdefault(name, value)
 
 
+TERMINAL_STYLE = re.compile(r"\x1b\[[0-9;]*m")  # ANSI colour and weight: "\x1b[94m" ... "\x1b[0m"
+
+
 class LogLines(io.TextIOBase):
     """A text stream that passes complete lines to target: a line redrawn with carriage returns (a
     progress bar) as its last state, and a run of consecutive lines that match `merge` (a line per
-    layer: "Reading layer 0" ... "Reading layer 31") as its first and last line. Nothing else is
-    changed or held back."""
+    layer: "Reading layer 0" ... "Reading layer 31") as its first and last line, and terminal colour
+    codes (MLflow's evaluation summary has them) left out. Nothing else is changed or held back."""
 
     def __init__(self, target: TextIO, merge: re.Pattern[str] | None = None, lock: threading.RLock | None = None):
         self.target, self.merge = target, merge
@@ -113,7 +116,7 @@ class LogLines(io.TextIOBase):
         self._last, self._count = "", 0
 
     def _emit(self, line: str) -> None:
-        self.target.write(line + "\n")
+        self.target.write(TERMINAL_STYLE.sub("", line) + "\n")
         self.target.flush()
 
 

@@ -28,6 +28,7 @@ def test_a_log_gets_a_bars_last_state_and_the_first_and_last_layer_line():
     for i in range(300):  # tqdm
         stream.write(f"\rSaving tensor {i}: {i + 1}/300 [00:00<00:00, 999.0it/s]  ")
     stream.write("\n")
+    print("  Run name: \x1b[94monnx\x1b[0m; open the \x1b[93m\x1b[1mTraces\x1b[0m tab", file=stream)  # MLflow's colours
     stream.write("Error: layer 3 failed\nError: layer 4 failed\nlast words")
     stream.finish()
     assert log.getvalue().splitlines() == [
@@ -38,6 +39,7 @@ def test_a_log_gets_a_bars_last_state_and_the_first_and_last_layer_line():
         "Progress: [####################] 100.00%",
         "Saving GenAI config in /out",
         "Saving tensor 299: 300/300 [00:00<00:00, 999.0it/s]",
+        "  Run name: onnx; open the Traces tab",
         "Error: layer 3 failed",
         "Error: layer 4 failed",
         "last words",
