@@ -40,11 +40,12 @@ def convert_in_child(src: Path, out: Path, precision: str = "int4", execution_pr
         try:
             return pool.submit(convert, src, out, precision, execution_provider).result()
         except BrokenProcessPool:
-            shutil.rmtree(builder_cache(out), ignore_errors=True)  # the child had no chance to
+            shutil.rmtree(builder_cache(out), ignore_errors=True)  # the killed child could not remove it
+            weights = weights_gb(src)
             raise UserError(
                 f"the ONNX conversion process was killed before it finished, most likely by the system's"
-                f" out-of-memory killer: converting needs about {weights_gb(src) * CONVERSION_RSS_RATIO:.0f} GB"
-                f" of memory for these {weights_gb(src):.1f} GB of weights") from None
+                f" out-of-memory killer: converting needs about {weights * CONVERSION_RSS_RATIO:.0f} GB"
+                f" of memory for these {weights:.1f} GB of weights") from None
 
 
 def builder_cache(out: Path) -> Path:
@@ -53,6 +54,7 @@ def builder_cache(out: Path) -> Path:
 
 
 def weights_gb(src: Path) -> float:
+    """The checkpoint's safetensors weights, in GB."""
     return sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
 
 
