@@ -28,14 +28,13 @@ class Source:
 
 def manifest_of(folder: Path) -> dict[str, dict[str, int | str]]:
     """Relative path -> sha256 and size of every file below folder."""
-    manifest: dict[str, dict[str, int | str]] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        manifest[path.relative_to(folder).as_posix()] = {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
-    return manifest
+    return {path.relative_to(folder).as_posix(): {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+            for path in sorted(p for p in folder.rglob("*") if p.is_file())}
+
+
+def sha256_of(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def content_hash(manifest: dict) -> str:

@@ -20,17 +20,26 @@ from phi3flow.threads import parse_threads, write_session_options
 
 INTERFACES = ("chat", "prompt")
 PYFUNC_FILE = Path(__file__).with_name("onnx_pyfunc.py")
+# The one module PYFUNC_FILE imports from here, logged with it as the model's code_paths: MLflow puts
+# the model's copy first on sys.path before it runs PYFUNC_FILE, so no phi3flow is needed where it loads.
+ENGINE_FILE = Path(__file__).with_name("onnx_engine.py")
 
 
 def onnx_folder(model_dir: Path, workdir: Path, precision: str, execution_provider: str) -> tuple[Path, bool]:
-    """The onnxruntime-genai folder for model_dir: itself if it already is one, else a conversion."""
+    """The onnxruntime-genai folder for model_dir, in workdir: a working copy if it already is one, else a conversion.
+
+    model_dir is read, never written: it is a cache entry other steps share, and logging writes the
+    session options into the folder's genai_config.json.
+    """
+    from phi3flow.artifacts import working_copy
+
     if (model_dir / "genai_config.json").is_file():
         found = folder_precision(model_dir)
         if found != precision:
             raise UserError(f"precision={precision}, but the fetched onnxruntime-genai folder holds {found} weights "
                             f"(it is logged as it is, not converted): run with precision={found}")
         print(f"the fetched model is already an onnxruntime-genai folder ({found}): logging it without conversion", flush=True)
-        return model_dir, False
+        return working_copy(model_dir, workdir / "onnx"), False
     print(f"converting to ONNX ({precision}, {execution_provider}) with the onnxruntime-genai model builder ...", flush=True)
     return convert_in_child(model_dir, workdir / "onnx", precision, execution_provider), True
 
@@ -129,6 +138,7 @@ def log_onnx_model(onnx_dir: Path, interface: str, model_name: str, registered_m
         flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model records for a model from code
         name=settings.ONNX_MODEL_NAME,
         python_model=str(PYFUNC_FILE),
+        code_paths=[str(ENGINE_FILE)],
         artifacts={"onnx": str(onnx_dir)},
         model_config={
             "interface": interface,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 # fetch_model
 DEFAULT_MODEL_ID = "microsoft/Phi-3-mini-4k-instruct"
 DEFAULT_REVISION = "main"
@@ -36,6 +39,11 @@ PHI3_GENAI_TYPES = {"phi3"}
 # Artifact layout of a fetch run
 MODEL_ARTIFACT_DIR = "model"
 MANIFEST_FILE = "manifest.json"
+
+# The local cache of fetched model files (phi3flow/artifacts.py): the steps of one machine that read
+# the same fetch run, or two fetch runs with the same manifest, download its files once. Default:
+# $XDG_CACHE_HOME/phi3flow, else ~/.cache/phi3flow. Removing it while no step runs is always safe.
+CACHE_DIR_ENV = "PHI3FLOW_CACHE_DIR"
 
 # Logged model names
 PIPELINE_MODEL_NAME = "phi3-pipeline"
@@ -176,6 +184,13 @@ BATCH_MAX_TOKENS = DEFAULT_MAX_TOKENS  # for rows that do not set max_tokens
 BATCH_ROWS_PER_PARTITION = 64
 BATCH_PROGRESS_EVERY_S = 5.0
 BATCH_OUTPUT_DIR = "predictions"  # artifact folder of the Parquet dataset
+
+
+def cache_dir() -> Path:
+    """Where the local cache of fetched model files lives (CACHE_DIR_ENV, read when called)."""
+    if configured := os.environ.get(CACHE_DIR_ENV):
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phi3flow"
 
 
 def pinned(*distributions: str) -> list[str]:

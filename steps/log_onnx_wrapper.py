@@ -30,7 +30,7 @@ def main(fetch_run_id: str, precision: str, execution_provider: str, interface: 
         fetch_run_id = chain.run_id_or_newest(fetch_run_id, "fetch_model", "fetch_run_id")
         parse_threads(threads)  # a bad value fails before the download and conversion
         mlflow.set_tag(settings.TAG_ONNX_THREADS, threads.strip())
-        fetched = download_fetched_model(fetch_run_id, Path(tmp) / "fetched")
+        fetched = download_fetched_model(fetch_run_id)  # from the local cache of fetched files
         mlflow.set_tags(fetched.lineage_tags)
         onnx_dir, converted = onnx_model.onnx_folder(fetched.path, Path(tmp), precision, execution_provider)
         mlflow.set_tag(settings.TAG_ONNX_SOURCE, "converted" if converted else "as-fetched")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import click
 import mlflow
 
@@ -21,10 +18,10 @@ from phi3flow.pipeline_model import DTYPES, check_dtype, log_pipeline_model
 @click.option("--dtype", default="auto", show_default=True, help=f"One of {', '.join(DTYPES)}; auto: the checkpoint's own.")
 @click.option("--registered-model-name", default="", help="Also register the model under this name.")
 def main(fetch_run_id: str, max_tokens: int, sampling: bool, dtype: str, registered_model_name: str) -> None:
-    with mlflow.start_run(run_name="log_pipeline") as run, tempfile.TemporaryDirectory() as tmp:
+    with mlflow.start_run(run_name="log_pipeline") as run:
         check_dtype(dtype)
         fetch_run_id = chain.run_id_or_newest(fetch_run_id, "fetch_model", "fetch_run_id")
-        fetched = download_fetched_model(fetch_run_id, Path(tmp))
+        fetched = download_fetched_model(fetch_run_id)  # from the local cache of fetched files
         mlflow.set_tags(fetched.lineage_tags)
         info = log_pipeline_model(
             fetched.path, fetched.model_id, max_new_tokens=max_tokens, do_sample=sampling,

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ def step_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     # `--env-manager local` runs `python` from PATH: make it this environment's.
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = tracking_uri
+    # The steps' local cache of fetched model files: a temporary one, never the user's (tracking_uri
+    # sets the session's, for steps run in-process too).
+    env.setdefault("PHI3FLOW_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"phi3flow-test-cache-{os.getpid()}"))
     env.update(extra)
     return env
 
@@ -88,6 +92,7 @@ def tracking_uri(tmp_path_factory) -> str:
     experiment_id = mlflow.create_experiment("tests", artifact_location=str(root / "artifacts"))
     mlflow.set_experiment(experiment_id=experiment_id)
     os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id  # for `mlflow run` and fresh processes
+    os.environ["PHI3FLOW_CACHE_DIR"] = str(root / "cache")  # the steps' cache of fetched files, in-process and in `mlflow run`
     return uri
 
 
@@ -155,3 +160,17 @@ def invoke_step(command, args: list[str]) -> tuple[BaseException | None, mlflow.
 
     result = CliRunner().invoke(command, args)
     return result.exception, mlflow.MlflowClient().get_run(mlflow.last_active_run().info.run_id)
+
+
+def assert_step_fails_with(command, args: list[str], message: str) -> None:
+    """The in-process twin of assert_failed_with: the step's click command ends with a UserError (the
+    one line `run_step` prints) holding message, and the run it opened is FAILED. Each step keeps one
+    real `mlflow run` case for the exit status and the printed line; the other messages are checked
+    here, in seconds."""
+    from phi3flow.errors import UserError
+
+    error, run = invoke_step(command, args)
+    assert isinstance(error, UserError), error
+    assert message in str(error)
+    assert "\n" not in str(error)
+    assert run.info.status == "FAILED"

@@ -135,8 +135,9 @@ def test_download_rejects_bad_run_ids_and_tampered_files(fetch_run_id, tracking_
         mlflow.log_param("x", 1)
     with pytest.raises(UserError, match="is it a fetch_model run"):
         download_fetched_model(other.info.run_id, tmp_path / "b")
-    # A run whose files no longer match its manifest: same manifest, one byte changed.
-    src = download_fetched_model(fetch_run_id, tmp_path / "c").path
+    # A run whose files no longer match its manifest: same manifest, one byte changed. Downloaded
+    # into an empty cache (d): an entry of the same manifest would hold the right files.
+    src = shutil.copytree(download_fetched_model(fetch_run_id, tmp_path / "c").path, tmp_path / "files", copy_function=shutil.copyfile)
     (src / "config.json").write_text((src / "config.json").read_text() + " ")
     manifest = mlflow.artifacts.load_dict(f"runs:/{fetch_run_id}/manifest.json")
     with mlflow.start_run() as tampered:

@@ -104,9 +104,17 @@ def test_bad_input_fails_with_one_line(case, fetch_run_id, tracking_uri):
 
 
 def test_checksum_mismatch_fails_the_step(fetch_run_id, tracking_uri, tmp_path):
+    """A fetch run whose stored files no longer match its manifest fails the step that downloads them.
+
+    The step starts with an empty cache: an entry already holding the manifest's files (verified)
+    would be used instead, and those are the right files.
+    """
+    import shutil
+
     from phi3flow.artifacts import download_fetched_model
 
-    src = download_fetched_model(fetch_run_id, tmp_path).path
+    entry = download_fetched_model(fetch_run_id, tmp_path / "cache").path
+    src = shutil.copytree(entry, tmp_path / "files", copy_function=shutil.copyfile)  # a writable copy
     manifest = mlflow.artifacts.load_dict(f"runs:/{fetch_run_id}/manifest.json")
     with (src / "model.safetensors").open("r+b") as fh:  # flip one byte of the weights
         fh.seek(1000)
@@ -116,5 +124,8 @@ def test_checksum_mismatch_fails_the_step(fetch_run_id, tracking_uri, tmp_path):
     with mlflow.start_run() as tampered:
         mlflow.log_artifacts(str(src), "model")
         mlflow.log_dict(manifest, "manifest.json")
-    result = mlflow_run("log_pipeline", {"fetch_run_id": tampered.info.run_id}, tracking_uri, timeout=300)
+    cold_cache = tmp_path / "cold-cache"
+    result = mlflow_run("log_pipeline", {"fetch_run_id": tampered.info.run_id}, tracking_uri, timeout=300,
+                        PHI3FLOW_CACHE_DIR=str(cold_cache))
     assert_failed_with(result, "checksum mismatch=['model.safetensors']")
+    assert not [p for p in (cold_cache / "fetched").iterdir() if p.is_dir()]  # the bad download never became an entry
