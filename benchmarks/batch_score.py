@@ -9,8 +9,8 @@ model with --layers layers, converted to int4 and logged as `log_onnx_wrapper` l
 Each measurement records the 1-minute load average before and after it: on a shared machine the
 numbers move with the neighbours' work. Writes benchmarks/results/batch_score.{json,md}.
 
-    python benchmarks/batch_score.py                        # tiny model, 400 rows, 32 tokens each
-    python benchmarks/batch_score.py --model phi3-mini-shaped --layers 2 --rows 64
+    python -m benchmarks.batch_score                        # tiny model, 400 rows, 32 tokens each
+    python -m benchmarks.batch_score --model phi3-mini-shaped --layers 2 --rows 64
 """
 
 from __future__ import annotations
@@ -19,20 +19,14 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO))
+from phi3flow.batch import batch_score, spark_session
 
-from serve_throughput import build_onnx, log_model  # noqa: E402  (the same model and logging)
+from .int4_model import MODELS, build_onnx, log_model
 
-from phi3flow.batch import batch_score, spark_session  # noqa: E402
-
-RESULTS = HERE / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load1() -> float:
@@ -94,7 +88,7 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "phi3-mini-shaped"], default="tiny")
+    parser.add_argument("--model", choices=MODELS, default="tiny")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--rows", type=int, default=400)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -105,7 +99,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     onnx_dir = build_onnx(args.model, args.workdir, args.layers)
-    tracking_uri, model_uri = log_model(onnx_dir, args.workdir)
+    tracking_uri, model_uri = log_model(onnx_dir, args.workdir, "batch-score")
     rows = requests(args.rows, args.max_tokens)
     source = args.workdir / "requests.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))

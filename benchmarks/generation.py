@@ -1,6 +1,6 @@
 """Generation speed and memory of phi3flow's models on a Phi-3-mini-shaped model, in one run.
 
-Builds the model of phi3_mini_shaped.py (full Phi-3-mini widths, --num-layers layers, random
+Builds the model of benchmarks.phi3_mini_shaped (full Phi-3-mini widths, --num-layers layers, random
 weights from a fixed seed, the embedded tokenizer), puts it through the project's own steps
 (fetch_model of the local folder, log_pipeline, log_onnx_wrapper int4 and fp32; each step's peak
 RSS is measured), then measures, one process at a time, on the same 32-token chat prompt and
@@ -16,9 +16,9 @@ the memory-bandwidth bound: measured read bandwidth / bytes of weights (and KV c
 generated token. Writes benchmark.json, benchmark.md and benchmark.png to --results-dir and
 logs them, with the numbers as metrics, to MLflow as one run.
 
-    python benchmarks/generation.py                      # 4 layers, about 10 minutes on 2 cores
-    python benchmarks/generation.py --skip-build         # reuse the built model folder
-    python benchmarks/generation.py --smoke              # the tiny model, 16 tokens: under 2 minutes
+    python -m benchmarks.generation                      # 4 layers, about 10 minutes on 2 cores
+    python -m benchmarks.generation --skip-build         # reuse the built model folder
+    python -m benchmarks.generation --smoke              # the tiny model, 16 tokens: under 2 minutes
 
 Everything large (models, tracking store, artifacts, logs) goes under --workdir (default
 /tmp/phi3flow-bench); only the three result files go to --results-dir.
@@ -27,7 +27,6 @@ Everything large (models, tracking store, artifacts, logs) goes under --workdir 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -35,18 +34,16 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+from . import phi3_mini_shaped
+from .probe import WARMUP_TOKENS, http_asker, median_of, requested
+from .project_steps import child_env, ensure_experiment, run_step
+from .rss import TreeSampler, run_measured
+from .server import mlflow_models_serve, serving
+from .step_memory import LIMIT
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from probe import WARMUP_TOKENS, http_asker, median_of, requested  # noqa: E402
-from rss import TreeSampler, run_measured  # noqa: E402
-from step_memory import LIMIT, child_env, ensure_experiment, measure_step, run_id_from  # noqa: E402
-
-from phi3flow import local_server  # noqa: E402
 
 # Targets the numbers are reported against (never assumed met).
 GOALS = {
@@ -75,17 +72,14 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def build_model(model_dir: Path, num_layers: int, smoke: bool, workdir: Path, env: dict) -> None:
-    print(f"== building {model_dir}", flush=True)
-    if smoke:
+def build_model(model_dir: Path, num_layers: int, smoke: bool, workdir: Path, env: dict, rebuild: bool) -> None:
+    if not smoke:
+        phi3_mini_shaped.ensure_built(model_dir, num_layers, "float32", workdir / "logs" / "build.log", env, rebuild=rebuild)
+    elif rebuild or not (model_dir / "config.json").is_file():
         from phi3flow import tiny
 
+        print(f"== building {model_dir}", flush=True)
         tiny.build(model_dir)
-        return
-    m = run_measured([sys.executable, str(HERE / "phi3_mini_shaped.py"), str(model_dir), "--num-layers", str(num_layers)],
-                     cwd=workdir / "cwd", env=env, log_path=workdir / "logs" / "build.log", echo=False)
-    if m.returncode != 0:
-        raise SystemExit(f"model build failed; see {workdir / 'logs' / 'build.log'}")
 
 
 def chat_messages(model_dir: Path, prompt_tokens: int) -> list[dict]:
@@ -157,38 +151,17 @@ def weights_read_per_token_safetensors(model_dir: Path, mean_position: float) ->
 # ---- measurements ------------------------------------------------------------------------------
 
 def run_probe(name: str, args_: list[str], workdir: Path, env: dict) -> dict:
+    """benchmarks.probe in its own process: its result file, with the process's peak RSS."""
     print(f"\n== {name}", flush=True)
-    m = run_measured([sys.executable, str(HERE / "probe.py"), *args_], cwd=workdir / "cwd", env=env,
-                     log_path=workdir / "logs" / f"probe-{name}.log", echo=False)
-    found = re.search(r"^RESULT (.*)$", m.output, re.M)
-    if m.returncode != 0 or not found:
-        raise SystemExit(f"{name} failed (exit {m.returncode}); see {workdir / 'logs' / f'probe-{name}.log'}")
-    result = json.loads(found.group(1))
+    log, out = workdir / "logs" / f"probe-{name}.log", workdir / "logs" / f"probe-{name}.json"
+    out.unlink(missing_ok=True)
+    m = run_measured([sys.executable, "-m", "benchmarks.probe", *args_, "--out", str(out)], cwd=workdir / "cwd", env=env,
+                     log_path=log, echo=False)
+    if m.returncode != 0 or not out.is_file():
+        raise SystemExit(f"{name} failed (exit {m.returncode}); see {log}")
+    result = json.loads(out.read_text())
     result["peak_rss_bytes"] = m.ru_maxrss_bytes
     return result
-
-
-@contextlib.contextmanager
-def serving(model_uri: str, workers: int, workdir: Path, env: dict) -> Iterator[tuple[str, float, TreeSampler]]:
-    """`mlflow models serve` of the model: yields its URL, the seconds until /ping answered, and
-    the sampler of its process tree's RSS (the CLI, uvicorn and its workers); stops it after."""
-    port = local_server.free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
-    log = workdir / "logs" / "served.log"
-    t0 = time.monotonic()
-    server = local_server.spawn(cmd, log, cwd=workdir / "cwd", env=env)
-    sampler = TreeSampler(server.pid).start()  # from the start: loading is part of its peak RSS
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            local_server.wait_until_up(server, f"{url}/ping", log, SERVER_START_TIMEOUT_S)
-        except local_server.ServerFailed as exc:
-            raise SystemExit(str(exc)) from None
-        yield url, time.monotonic() - t0, sampler
-    finally:
-        local_server.stop(server)
-        sampler.stop()
 
 
 def served(url: str, load_s: float, sampler: TreeSampler, messages: list[dict], new_tokens: int, repeats: int) -> dict:
@@ -209,13 +182,6 @@ def bandwidth(workdir: Path, env: dict) -> dict:
 
 
 # ---- the run -----------------------------------------------------------------------------------
-
-def model_uri_from(output: str, step: str) -> str:
-    found = re.search(rf"{step} run [0-9a-f]{{32}}: (models:/\S+)", output)
-    if not found:
-        raise SystemExit(f"{step}: no model URI in its output")
-    return found.group(1)
-
 
 def row(name: str, model: str, method: str, result: dict, runs_key: str = "runs") -> dict:
     runs = result[runs_key]
@@ -417,18 +383,17 @@ def main() -> None:
 
     # 1. the model, and the project's steps on it (each step's peak RSS measured)
     model_dir = workdir / "models" / ("tiny-phi3" if args.smoke else f"phi3-mini-shaped-{args.num_layers}L-float32")
-    if not (args.skip_build and (model_dir / "config.json").is_file()):
-        build_model(model_dir, args.num_layers, args.smoke, workdir, env)
-    weight_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    build_model(model_dir, args.num_layers, args.smoke, workdir, env, rebuild=not args.skip_build)
+    weight_bytes = phi3_mini_shaped.weight_bytes(model_dir)
     steps: dict[str, dict] = {}
-    fetch_m, steps["fetch_model"] = measure_step("fetch_model", ["--model-id", str(model_dir)], workdir, env)
-    fetch_run_id = run_id_from(fetch_m.output, "fetch_model")
+    fetch = run_step("fetch_model", ["--model-id", str(model_dir)], workdir, env)
+    steps["fetch_model"], fetch_run_id = fetch.record, fetch.run_id
     uris = {}
     for name, step, extra in (("log_pipeline", "log_pipeline", []),
                               ("log_onnx_wrapper int4", "log_onnx_wrapper", ["--precision", "int4"]),
                               ("log_onnx_wrapper fp32", "log_onnx_wrapper", ["--precision", "fp32"])):
-        m, steps[name] = measure_step(step, ["--fetch-run-id", fetch_run_id, *extra], workdir, env)
-        uris[name] = model_uri_from(m.output, step)
+        logged = run_step(step, ["--fetch-run-id", fetch_run_id, *extra], workdir, env, name.replace(" ", "-"))
+        steps[name], uris[name] = logged.record, logged.model_uri
     for s in steps.values():  # keep the JSON small: the phase list, not every sample
         s.pop("samples", None)
 
@@ -451,9 +416,11 @@ def main() -> None:
         "pyfunc int4": run_probe("pyfunc-int4", ["pyfunc", uris["log_onnx_wrapper int4"], *common], workdir, env),
     }
     print(f"\n== mlflow models serve ({args.serve_workers} worker)", flush=True)
-    with serving(uris["log_onnx_wrapper int4"], args.serve_workers, workdir, env) as (url, load_s, sampler):
-        results["served int4"] = served(url, load_s, sampler, messages, new_tokens, repeats)
-        compared = run_probe("compare", ["compare", str(onnx_dirs["int4"]), uris["log_onnx_wrapper int4"], url, *common], workdir, env)
+    with serving(mlflow_models_serve(uris["log_onnx_wrapper int4"], args.serve_workers), "/ping", workdir / "logs" / "served.log",
+                 cwd=workdir / "cwd", env=env, timeout_s=SERVER_START_TIMEOUT_S, sample_rss=True) as server:
+        results["served int4"] = served(server.url, server.start_s, server.rss, messages, new_tokens, repeats)
+        compared = run_probe("compare", ["compare", str(onnx_dirs["int4"]), uris["log_onnx_wrapper int4"], server.url, *common],
+                             workdir, env)
     results["pipeline fp32"] = run_probe("pipeline-fp32", ["pipeline", uris["log_pipeline"], *common], workdir, env)
     per_token, per_request = "per-token timestamps", "1-token and N-token requests"
     rows = [

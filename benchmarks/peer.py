@@ -1,6 +1,6 @@
 """onnxruntime-genai against llama.cpp (and transformers) on the same Phi-3-mini-shaped checkpoint.
 
-One checkpoint (phi3_mini_shaped.py: full Phi-3-mini widths, --num-layers layers, bf16, random
+One checkpoint (benchmarks.phi3_mini_shaped: full Phi-3-mini widths, --num-layers layers, bf16, random
 weights from a fixed seed), four formats of it:
 
   onnxruntime-genai int4  converted by the project (phi3flow.onnx_convert.convert, as log_onnx_wrapper
@@ -28,7 +28,7 @@ writes with the gguf-py it ships (the converter puts it first on its import path
 
     pip install -e '.[peer]'      # compiles llama.cpp from the sdist
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/sdist && tar xzf /tmp/sdist/*.tar.gz -C /tmp/sdist
-    python benchmarks/peer.py --llama-cpp-src /tmp/sdist/llama_cpp_python-0.3.36 --rounds 3
+    python -m benchmarks.peer --llama-cpp-src /tmp/sdist/llama_cpp_python-0.3.36 --rounds 3
 
 On 2 busy cores the full compile takes about an hour. Only the four libraries the bindings load
 (llama, ggml, ggml-base, ggml-cpu: 78 of 193 compile steps) can be built from the same sdist
@@ -43,11 +43,14 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from . import phi3_mini_shaped
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -121,16 +124,14 @@ def quantize_gguf(src: Path, out: Path, ftype: int, threads: int) -> None:
 
 
 def prepare(workdir: Path, num_layers: int, llama_cpp_src: Path | None, threads: int, need_gguf: bool) -> None:
-    sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(HERE))
-    import phi3_mini_shaped
-
     from phi3flow.onnx_convert import convert
 
     checkpoint = workdir / "checkpoint-bf16"
-    if not (checkpoint / "config.json").is_file():
-        print(f"== building {checkpoint}", flush=True)
-        phi3_mini_shaped.build(checkpoint, num_layers=num_layers, dtype="bfloat16")
+    if phi3_mini_shaped.ensure_built(checkpoint, num_layers, "bfloat16", log=workdir / "build.log"):
+        # a new checkpoint (none yet, or another config): the formats made from the old one go
+        shutil.rmtree(workdir / "onnx-int4", ignore_errors=True)
+        for old in workdir.glob("model-*.gguf"):
+            old.unlink()
     if not (workdir / "onnx-int4" / "genai_config.json").is_file():
         print("== converting to onnxruntime-genai int4 (the project's settings)", flush=True)
         convert(checkpoint, workdir / "onnx-int4", "int4")
@@ -276,13 +277,16 @@ def measure(workdir: Path, configs: list[tuple], rounds: int, threads: int, new_
     for r in range(rounds):
         for name, runtime, file, config_threads, *options in configs:
             load = os.getloadavg()
+            out = workdir / "worker-result.json"
+            out.unlink(missing_ok=True)
             spec = json.dumps({"runtime": runtime, "path": str(workdir / file), "ids": ids, "new_tokens": new_tokens,
                                "threads": config_threads or threads, "batch8": runtime != "hf",
-                               "options": options[0] if options else {}})
-            proc = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True, timeout=1800)
-            if proc.returncode != 0:
+                               "options": options[0] if options else {}, "out": str(out)})
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.peer", "--worker", spec], capture_output=True, text=True,
+                                  timeout=1800, cwd=REPO)
+            if proc.returncode != 0 or not out.is_file():
                 raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            result = json.loads(out.read_text())
             runs.append({"round": r, "name": name, "loadavg_1m_before": load[0], **result})
             shown = ", ".join(f"{k} {v:.3f}" for k, v in result.items())
             print(f"round {r + 1}/{rounds}  load {load[0]:.2f}  {name}: {shown}", flush=True)
@@ -354,7 +358,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(worker(spec["runtime"], Path(spec["path"]), spec["ids"], spec["new_tokens"], spec["threads"], spec["batch8"], spec["options"])))
+        result = worker(spec["runtime"], Path(spec["path"]), spec["ids"], spec["new_tokens"], spec["threads"], spec["batch8"], spec["options"])
+        Path(spec["out"]).write_text(json.dumps(result))
         return
     os.environ["HF_HUB_OFFLINE"] = "1"
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -9,26 +9,34 @@ token of the tokenizer and below vocab_size.
 The weights are generated one tensor at a time (each from its own seeded generator) and written
 in safetensors shards of at most `max_shard_bytes`; building never holds more than one shard
 (default 1 GB) in memory, never the whole model and never two copies of it. Two builds with the
-same arguments are byte-identical.
+same arguments are byte-identical. config.json is written last: a folder that has it holds a
+whole build.
 
-    python benchmarks/phi3_mini_shaped.py /tmp/bench/models/phi3-4L-fp32 --num-layers 4 --dtype float32
+    python -m benchmarks.phi3_mini_shaped /tmp/bench/models/phi3-4L-fp32 --num-layers 4 --dtype float32
+
+The benchmarks call `ensure_built`, which builds in a child process (the caller's own peak RSS
+stays its own) unless the folder already holds this build.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import sys
 import tempfile
 import zlib
 from pathlib import Path
+
+from .rss import Measurement, run_measured
 
 SEED = 20240423
 INITIALIZER_RANGE = 0.02  # Phi-3's own; the values only need to be finite and reproducible
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 DTYPES = ("float32", "bfloat16")
 
-# microsoft/Phi-3-mini-4k-instruct, except num_hidden_layers
+# microsoft/Phi-3-mini-4k-instruct's config.json, except num_hidden_layers
 PHI3_MINI = dict(
     hidden_size=3072,
     intermediate_size=8192,
@@ -37,7 +45,7 @@ PHI3_MINI = dict(
     vocab_size=32064,
     max_position_embeddings=4096,
     original_max_position_embeddings=4096,
-    sliding_window=None,
+    sliding_window=2047,
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
     hidden_act="silu",
@@ -100,7 +108,6 @@ def build(out_dir: Path | str, num_layers: int = 4, dtype: str = "float32", max_
         architectures=["Phi3ForCausalLM"],
     )
     config.dtype = dtype
-    config.save_pretrained(out_dir)
 
     # Group tensors into shards in state-dict order, each at most max_shard_bytes (a lone larger
     # tensor gets its own shard).
@@ -130,7 +137,36 @@ def build(out_dir: Path | str, num_layers: int = 4, dtype: str = "float32", max_
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.save_pretrained(out_dir)  # last: it marks a whole build
     return out_dir
+
+
+def is_built(model_dir: Path, num_layers: int, dtype: str) -> bool:
+    """Whether model_dir holds a whole build with these arguments and the current PHI3_MINI config."""
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return False
+    config = json.loads(config_file.read_text())
+    wanted = {**PHI3_MINI, "num_hidden_layers": num_layers, "dtype": dtype}
+    return all(config.get(key) == value for key, value in wanted.items())
+
+
+def ensure_built(model_dir: Path, num_layers: int, dtype: str, log: Path, env: dict[str, str] | None = None,
+                 rebuild: bool = False) -> Measurement | None:
+    """Build model_dir in a child process unless it already holds this build; the build's
+    measurement (wall time, peak RSS), or None when the folder was reused."""
+    if is_built(model_dir, num_layers, dtype) and not rebuild:
+        return None
+    print(f"== building {model_dir} ({num_layers} layers, {dtype})", flush=True)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = dict(env or os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH", "")]))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    m = run_measured([sys.executable, "-m", "benchmarks.phi3_mini_shaped", str(model_dir), "--num-layers", str(num_layers),
+                      "--dtype", dtype], cwd=repo, env=env, log_path=log, echo=False)
+    if m.returncode != 0:
+        raise SystemExit(f"building {model_dir} failed; see {log}")
+    return m
 
 
 def weight_bytes(model_dir: Path | str) -> int:

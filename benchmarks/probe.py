@@ -1,12 +1,12 @@
 """One generation measurement, run as its own process so its peak RSS is its own.
 
-    python benchmarks/probe.py raw      ONNX_DIR   --messages JSON --new-tokens 128 --repeats 3
-    python benchmarks/probe.py pyfunc   MODEL_URI  --messages JSON --new-tokens 128 --repeats 3
-    python benchmarks/probe.py pipeline MODEL_URI  --messages JSON --new-tokens 128 --repeats 3
-    python benchmarks/probe.py compare  ONNX_DIR MODEL_URI SERVER_URL --messages JSON ...
-    python benchmarks/probe.py bandwidth
+    python -m benchmarks.probe raw      ONNX_DIR   --messages JSON --new-tokens 128 --repeats 3 --out R.json
+    python -m benchmarks.probe pyfunc   MODEL_URI  --messages JSON --new-tokens 128 --repeats 3 --out R.json
+    python -m benchmarks.probe pipeline MODEL_URI  --messages JSON --new-tokens 128 --repeats 3 --out R.json
+    python -m benchmarks.probe compare  ONNX_DIR MODEL_URI SERVER_URL --messages JSON ... --out R.json
+    python -m benchmarks.probe bandwidth --out R.json
 
-Each mode prints progress, then one line `RESULT {json}` with: load_s, prompt_tokens, and per
+Each mode prints progress, then writes its result as JSON to --out: load_s, prompt_tokens, and per
 repeat the time to first token (ttft_s), the decode rate after the first token (decode_tok_s) and
 how many tokens were generated. One short warm-up generation runs before the measured ones.
 
@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -230,6 +229,7 @@ def main() -> None:
     parser.add_argument("--messages", help="chat messages as JSON")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True, help="the JSON file the result is written to")
     args = parser.parse_args()
     if args.mode == "bandwidth":
         result = bandwidth()
@@ -238,9 +238,8 @@ def main() -> None:
             parser.error(f"{args.mode} needs a target and --messages")
         fn = {"raw": raw, "pyfunc": pyfunc, "pipeline": pipeline, "compare": compare}[args.mode]
         result = fn(*args.target, json.loads(args.messages), args.new_tokens, args.repeats)
-    print("RESULT " + json.dumps(result), flush=True)
+    args.out.write_text(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

@@ -1,7 +1,7 @@
 """`serve` (the OpenAI-compatible server) against raw onnxruntime-genai on the same files.
 
-Builds benchmarks/phi3_mini_shaped.py's Phi-3-mini-shaped model (--num-layers layers, int4, via
-serve_throughput.py's build_onnx and log_model), starts `python -m steps.serve` on it, and measures
+Builds benchmarks.phi3_mini_shaped's Phi-3-mini-shaped model (--num-layers layers, int4, via
+benchmarks.int4_model), starts `python -m steps.serve` on it, and measures
 in alternating rounds, each number with the machine's load average at that moment:
 
   1 client    one greedy chat request through the official `openai` client (wall time of the
@@ -15,8 +15,8 @@ in alternating rounds, each number with the machine's load average at that momen
 Raw and served read the same ONNX files (the logged model's artifacts) with whatever session options
 their genai_config.json holds. Writes serve_openai.json and serve_openai.md to --results-dir.
 
-    python benchmarks/serve_openai.py                       # 2 layers, about 10 minutes on 2 cores
-    python benchmarks/serve_openai.py --model tiny --rounds 2   # a quick check of the script
+    python -m benchmarks.serve_openai                       # 2 layers, about 10 minutes on 2 cores
+    python -m benchmarks.serve_openai --model tiny --rounds 2   # a quick check of the script
 """
 
 from __future__ import annotations
@@ -25,23 +25,17 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .int4_model import MODELS, build_onnx, log_model
+from .server import openai_serve, serving
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO))
-
-from serve_throughput import build_onnx, log_model  # noqa: E402
-
-from phi3flow import local_server  # noqa: E402
-
-BIN = Path(sys.executable).parent
 GOALS = {"one_client": 0.95, "eight_clients": 0.80}
 CLIENTS = 8
 
@@ -131,7 +125,7 @@ def measured(tokens: int, seconds: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("phi3-mini-shaped", "tiny"), default="phi3-mini-shaped")
+    parser.add_argument("--model", choices=MODELS, default="phi3-mini-shaped")
     parser.add_argument("--num-layers", type=int, default=2, help="Layers of the Phi-3-mini-shaped model.")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
@@ -144,19 +138,14 @@ def main() -> None:
     import openai
 
     built = build_onnx(args.model, args.workdir, args.num_layers)
-    tracking_uri, model_uri = log_model(built, args.workdir)
+    tracking_uri, model_uri = log_model(built, args.workdir, "serve-openai")
     # The files the server loads: the logged model's copy of the ONNX folder (pyfunc artifacts/<name>).
     logged = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
     onnx_dir = Path(mlflow.artifacts.download_artifacts(f"{logged}/artifacts/{built.name}", dst_path=str(args.workdir / "logged")))
-    port = local_server.free_port()
     # A long request timeout: on a loaded machine a batch of 8 can take longer than the default 60 s.
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT="900")
-    log = args.workdir / "serve.log"
-    proc = local_server.spawn([str(BIN / "python"), "-m", "steps.serve", "--model-uri", model_uri, "--port", str(port)], log, cwd=REPO, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        local_server.wait_until_up(proc, f"{url}/health", log, timeout_s=600)
-        clients = [openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600) for _ in range(CLIENTS)]
+    with serving(openai_serve(model_uri), "/health", args.workdir / "serve.log", cwd=REPO, env=env) as server:
+        clients = [openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=600) for _ in range(CLIENTS)]
         model_id = clients[0].models.list().data[0].id
         raw = Raw(onnx_dir)
         conversations = prompts(CLIENTS)
@@ -173,8 +162,6 @@ def main() -> None:
             print(f"round {r + 1}: 1 client {one_served['tok_s']} vs raw {one_raw['tok_s']} tok/s; "
                   f"8 clients {many_served['tok_s']} vs raw batch-8 {many_raw['tok_s']} tok/s "
                   f"(load average {many_served['loadavg_1m']})", flush=True)
-    finally:
-        local_server.stop(proc, grace_s=30)
 
     def ratio(key: str, served: str, raw_key: str) -> float:
         return statistics.median(r[key][served]["tok_s"] / r[key][raw_key]["tok_s"] for r in rounds)

@@ -1,20 +1,30 @@
 """Peak RSS of main's steps on a Phi-3-mini-shaped model.
 
-Builds benchmarks/phi3_mini_shaped.py's model (default 4 layers, float32), logs it with
-fetch_model as a local folder, then runs log_pipeline, log_onnx_wrapper (int4) and evaluate (on
-the first --eval-rows rows of the bundled set, --eval-max-tokens tokens each) each as its own
-process (`python -m steps.X`, one at a time) and reports, per step: peak RSS (ru_maxrss from
-os.wait4), the peak RSS of its process tree sampled from /proc, the larger as a ratio to the
-weight bytes (sum of *.safetensors sizes), the peak anonymous RSS, wall time, and the RSS at
-every line the step printed.
+Builds benchmarks.phi3_mini_shaped's model (default 4 layers, float32), logs it with fetch_model as
+a local folder, then runs log_pipeline, log_onnx_wrapper (int4) and evaluate (on the first
+--eval-rows rows of the bundled set, --eval-max-tokens tokens each) each as its own process
+(`python -m steps.X`, one at a time) and reports, per step: peak RSS (ru_maxrss from os.wait4),
+the peak RSS of its process tree sampled every 0.2 s, the larger as a ratio to the weight bytes
+(sum of *.safetensors sizes), the peak anonymous RSS, wall time, and the RSS at every line the
+step printed. Each step's run ID and logged model come from the tracking store.
 
 Requirement checked: every step's peak RSS <= 1.5 x the weight bytes.
+
+With --baseline-layers N the same steps first run on the same checkpoint with N (fewer) layers.
+Each step is then also reported as (peak - its peak at N layers) / (weight bytes - the weight bytes
+at N layers): the memory each byte of decoder layers costs, the ratio the plain one approaches as
+the layers grow. On a checkpoint of a few layers the plain ratio measures something else: the fixed
+cost of the step's processes (Python, torch, transformers, MLflow, onnxruntime: 0.4 to 1.4 GB) and
+of the layer-independent tensors (the embedding and the output head: 0.39 GB in bf16 at full width)
+weigh more than the layers do. The difference cancels both, measured on the same step, so the
+full-size 1.5x bound applies to it.
 
 Everything it writes (model, tracking store, artifacts, logs) goes under --workdir
 (default /tmp/bench); the children run with cwd there and PYTHONPATH=<repo>.
 
-    python benchmarks/step_memory.py                        # 4 layers, float32
-    python benchmarks/step_memory.py --dtype bfloat16 --steps log_pipeline
+    python -m benchmarks.step_memory                        # 4 layers, float32
+    python -m benchmarks.step_memory --dtype bfloat16 --steps log_pipeline
+    python -m benchmarks.step_memory --num-layers 3 --dtype bfloat16 --baseline-layers 1   # the scaled check
 """
 
 from __future__ import annotations
@@ -22,16 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from rss import Measurement, run_measured  # noqa: E402
+from . import phi3_mini_shaped
+from .project_steps import REPO, StepRun, child_env, ensure_experiment, run_step
 
 LIMIT = 1.5
 STEPS = ("log_pipeline", "log_onnx_wrapper", "evaluate")
@@ -41,85 +46,55 @@ def gb(n: int | float) -> str:
     return f"{n / 1e9:.2f}"
 
 
-def child_env(workdir: Path, tracking_uri: str, experiment_id: str | None) -> dict:
-    env = dict(os.environ)
-    env.update({
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")])),
-        "PYTHONUNBUFFERED": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "TMPDIR": str(workdir / "tmp"),
-    })
-    env.pop("MLFLOW_RUN_ID", None)
-    if experiment_id:
-        env["MLFLOW_EXPERIMENT_ID"] = experiment_id
-    return env
+def run_steps(model_dir: Path, steps: list[str], args: argparse.Namespace, workdir: Path, env: dict[str, str],
+              label: str = "") -> dict[str, StepRun]:
+    """fetch_model of model_dir, then `steps` in order, each measured (logs named <label><step>.log)."""
+    done = {"fetch_model": run_step("fetch_model", ["--model-id", str(model_dir)], workdir, env, label + "fetch_model")}
+    fetch_run_id = done["fetch_model"].run_id
+    for step in steps:
+        if step == "log_pipeline":
+            step_args = ["--fetch-run-id", fetch_run_id, "--dtype", args.dtype]
+        elif step == "log_onnx_wrapper":
+            step_args = ["--fetch-run-id", fetch_run_id, "--precision", args.precision]
+        else:
+            rows = (REPO / "data" / "eval_bundled.jsonl").read_text().splitlines()[: args.eval_rows]
+            eval_file = workdir / "eval.jsonl"
+            eval_file.write_text("\n".join(rows) + "\n")
+            step_args = ["--pipeline-run-id", done["log_pipeline"].run_id, "--onnx-run-id", done["log_onnx_wrapper"].run_id,
+                         "--eval-data", str(eval_file), "--max-tokens", str(args.eval_max_tokens)]
+        done[step] = run_step(step, step_args, workdir, env, label + step)
+    return done
 
 
-def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path) -> str:
-    """An experiment whose artifacts live under artifact_root (never the repository's ./mlruns), or
-    where a tracking server puts them."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    if tracking_uri.startswith(("http://", "https://")):  # the server's own artifact store (proxied or not)
-        return client.create_experiment(name)
-    return client.create_experiment(name, artifact_location=artifact_root.as_uri())
+def shaped_model(workdir: Path, num_layers: int, dtype: str, env: dict[str, str], rebuild: bool) -> tuple[Path, dict]:
+    """The Phi-3-mini-shaped checkpoint (built in its own process, so this one stays small), and its build's cost."""
+    model_dir = workdir / "models" / f"phi3-mini-shaped-{num_layers}L-{dtype}"
+    build = phi3_mini_shaped.ensure_built(model_dir, num_layers, dtype, workdir / "logs" / f"build-{num_layers}L.log",
+                                          env, rebuild=rebuild)
+    if build:
+        print(f"   built in {build.wall_s:.0f} s, peak RSS {gb(build.ru_maxrss_bytes)} GB", flush=True)
+    weights = phi3_mini_shaped.weight_bytes(model_dir)
+    print(f"   weights: {weights} bytes ({gb(weights)} GB) in {model_dir}", flush=True)
+    return model_dir, {"wall_s": round(build.wall_s, 1), "peak_rss_bytes": build.ru_maxrss_bytes} if build else {}
 
 
-def run_id_from(output: str, step: str) -> str:
-    match = re.search(rf"{step} run ([0-9a-f]{{32}})", output)
-    if not match:
-        raise SystemExit(f"{step}: no run ID in its output")
-    return match.group(1)
-
-
-# Progress bars and blank lines are not phase boundaries: their samples go to the line before.
-_NOISE = re.compile(r"^\s*$|\d+%\||it/s\]|s/it\]|^Progress:|^Saving |^\s+color_warning\(")
-
-
-def phases(m: Measurement) -> list[dict]:
-    """Each printed line with the RSS then, and the peak RSS until the next line (phase boundaries)."""
-    kept = [line for line in m.lines if not _NOISE.search(line[3])] or m.lines[:1]
-    rows = []
-    for i, (t, rss, anon, text) in enumerate(kept):
-        t_next = kept[i + 1][0] if i + 1 < len(kept) else m.wall_s
-        peak, peak_anon = m.peak_between(t, t_next)
-        rows.append({"t_s": round(t, 2), "rss": rss, "anon": anon, "peak_until_next": max(peak, rss),
-                     "peak_anon_until_next": max(peak_anon, anon), "line": text[:160]})
-    return rows
-
-
-def measure_step(name: str, args_: list[str], workdir: Path, env: dict) -> tuple[Measurement, dict]:
-    print(f"\n== {name} {' '.join(args_)}", flush=True)
-    cmd = [sys.executable, "-m", f"steps.{name}", *args_]
-    m = run_measured(cmd, cwd=workdir / "cwd", env=env, log_path=workdir / "logs" / f"{name}.log", echo=False)
-    if m.returncode != 0:
-        raise SystemExit(f"{name} failed with exit status {m.returncode}; see {workdir / 'logs' / (name + '.log')}")
-    return m, {
-        "cmd": " ".join(cmd),
-        "wall_s": round(m.wall_s, 1),
-        "peak_rss_bytes": m.ru_maxrss_bytes,
-        "sampled_peak_tree_rss_bytes": m.sampled_peak_tree_rss,
-        "sampled_peak_tree_anon_bytes": m.sampled_peak_tree_anon,
-        "phases": phases(m),
-        "samples": [list(s) for s in m.samples],
-    }
+def peak(record: dict) -> int:
+    """A step that converts runs the builder in a child process: ru_maxrss is the larger of the two
+    processes, the sampled tree RSS their sum at the same moment; the check takes the larger."""
+    return max(record["peak_rss_bytes"], record["sampled_peak_tree_rss_bytes"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    parser.add_argument("--dtype", choices=phi3_mini_shaped.DTYPES, default="float32",
                         help="dtype of the stored weights and of log_pipeline's --dtype")
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join(STEPS))
     parser.add_argument("--precision", default="int4", help="log_onnx_wrapper --precision")
     parser.add_argument("--eval-rows", type=int, default=2, help="evaluate: rows of the bundled set")
     parser.add_argument("--eval-max-tokens", type=int, default=8, help="evaluate --max-tokens")
+    parser.add_argument("--baseline-layers", type=int, default=None,
+                        help="also run the steps with this many layers and report each step's peak difference per weight byte")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--tracking-uri", default=None, help="default sqlite:///<workdir>/mlflow.db")
     parser.add_argument("--experiment", default="step-memory")
@@ -131,6 +106,10 @@ def main() -> None:
     unknown = set(steps) - set(STEPS)
     if unknown:
         parser.error(f"unknown steps {sorted(unknown)}")
+    if args.baseline_layers is not None and not 0 < args.baseline_layers < args.num_layers:
+        parser.error("--baseline-layers must be between 0 and --num-layers, both excluded")
+    if "evaluate" in steps and not {"log_pipeline", "log_onnx_wrapper"} <= set(steps[: steps.index("evaluate")]):
+        parser.error("evaluate needs log_pipeline and log_onnx_wrapper in --steps before it")
     workdir = args.workdir.resolve()
     for sub in ("cwd", "logs", "tmp", "models", "artifacts"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
@@ -138,71 +117,52 @@ def main() -> None:
     experiment_id = ensure_experiment(tracking_uri, args.experiment, workdir / "artifacts")
     env = child_env(workdir, tracking_uri, experiment_id)
 
-    # 1. the model (built in its own process, so this one stays small)
-    model_dir = workdir / "models" / f"phi3-mini-shaped-{args.num_layers}L-{args.dtype}"
-    built = {}
-    if args.rebuild or not (model_dir / "config.json").is_file():
-        print(f"== building {model_dir}", flush=True)
-        m = run_measured([sys.executable, str(HERE / "phi3_mini_shaped.py"), str(model_dir),
-                          "--num-layers", str(args.num_layers), "--dtype", args.dtype],
-                         cwd=workdir / "cwd", env=env, log_path=workdir / "logs" / "build.log", echo=False)
-        if m.returncode != 0:
-            raise SystemExit(f"model build failed; see {workdir / 'logs' / 'build.log'}")
-        built = {"wall_s": round(m.wall_s, 1), "peak_rss_bytes": m.ru_maxrss_bytes}
-        print(f"   built in {m.wall_s:.0f} s, peak RSS {gb(m.ru_maxrss_bytes)} GB", flush=True)
-    weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    print(f"   weights: {weights} bytes ({gb(weights)} GB) in {model_dir}", flush=True)
+    # 1. the model(s)
+    model_dir, built = shaped_model(workdir, args.num_layers, args.dtype, env, args.rebuild)
+    weights = phi3_mini_shaped.weight_bytes(model_dir)
 
-    # 2. fetch_model of the local folder
-    fetch_m, fetch = measure_step("fetch_model", ["--model-id", str(model_dir)], workdir, env)
-    fetch_run_id = run_id_from(fetch_m.output, "fetch_model")
-
-    # 3. the measured steps, one process each
-    results: dict[str, dict] = {"fetch_model": fetch}
-    run_ids: dict[str, str] = {}
-    for step in steps:
-        if step == "log_pipeline":
-            step_args = ["--fetch-run-id", fetch_run_id, "--dtype", args.dtype]
-        elif step == "log_onnx_wrapper":
-            step_args = ["--fetch-run-id", fetch_run_id, "--precision", args.precision]
-        else:
-            if set(run_ids) != {"log_pipeline", "log_onnx_wrapper"}:
-                parser.error("evaluate needs log_pipeline and log_onnx_wrapper in --steps before it")
-            rows = (REPO / "data" / "eval_bundled.jsonl").read_text().splitlines()[: args.eval_rows]
-            eval_file = workdir / "eval.jsonl"
-            eval_file.write_text("\n".join(rows) + "\n")
-            step_args = ["--pipeline-run-id", run_ids["log_pipeline"], "--onnx-run-id", run_ids["log_onnx_wrapper"],
-                         "--eval-data", str(eval_file), "--max-tokens", str(args.eval_max_tokens)]
-        m, results[step] = measure_step(step, step_args, workdir, env)
-        if step != "evaluate":
-            run_ids[step] = run_id_from(m.output, step)
+    # 2. fetch_model of the local folder and the measured steps, one process each; the baseline first
+    baseline: dict | None = None
+    if args.baseline_layers is not None:
+        base_dir, _ = shaped_model(workdir, args.baseline_layers, args.dtype, env, args.rebuild)
+        print(f"== baseline: the same steps with {args.baseline_layers} layers", flush=True)
+        base_runs = run_steps(base_dir, steps, args, workdir, env, f"baseline-{args.baseline_layers}L-")
+        baseline = {"num_layers": args.baseline_layers, "weight_bytes": phi3_mini_shaped.weight_bytes(base_dir),
+                    "steps": {step: run.record for step, run in base_runs.items()}}
+    runs = run_steps(model_dir, steps, args, workdir, env)
+    results = {step: run.record for step, run in runs.items()}
+    if baseline:
+        for step, record in results.items():
+            record["baseline_peak_bytes"] = peak(baseline["steps"][step])
+            record["marginal_ratio"] = (peak(record) - record["baseline_peak_bytes"]) / (weights - baseline["weight_bytes"])
 
     report = {
         "machine": {"nproc": os.cpu_count(), "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
         "model": {"dir": str(model_dir), "num_layers": args.num_layers, "dtype": args.dtype,
                   "weight_bytes": weights, "build": built},
         "tracking_uri": tracking_uri,
-        "fetch_run_id": fetch_run_id,
+        "fetch_run_id": runs["fetch_model"].run_id,
         "limit_ratio": LIMIT,
         "steps": results,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if baseline:
+        report["baseline"] = baseline
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
     print(f"\nmachine: {report['machine']['nproc']} CPUs, {gb(report['machine']['mem_total_bytes'])} GB RAM; "
           f"model: {args.num_layers} layers {args.dtype}, weights {weights} bytes ({gb(weights)} GB)\n")
-    # A step that converts runs the builder in a child process: ru_maxrss is the larger of the two
-    # processes, the sampled tree RSS their sum at the same moment; the check takes the larger.
-    print("| step | peak RSS (GB) | peak tree RSS, sampled (GB) | peak / weights | peak anon RSS, sampled (GB) | wall (s) | <= 1.5x |")
-    print("|---|---|---|---|---|---|---|")
+    extra_head = f" peak at {args.baseline_layers} layers (GB) | peak difference / weight difference |" if baseline else ""
+    print(f"| step | peak RSS (GB) | peak tree RSS, sampled (GB) | peak / weights | peak anon RSS, sampled (GB) | wall (s) | <= 1.5x |{extra_head}")
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if baseline else ""))
     for step, r in results.items():
-        peak = max(r["peak_rss_bytes"], r["sampled_peak_tree_rss_bytes"])
-        ratio = peak / weights
+        ratio = peak(r) / weights
         ok = "yes" if ratio <= LIMIT else "**no**"
         extra = f" (dtype={args.dtype})" if step == "log_pipeline" else (f" ({args.precision})" if step == "log_onnx_wrapper" else "")
+        above = f" {gb(r['baseline_peak_bytes'])} | {r['marginal_ratio']:.2f} |" if baseline else ""
         print(f"| {step}{extra} | {gb(r['peak_rss_bytes'])} | {gb(r['sampled_peak_tree_rss_bytes'])} | {ratio:.2f} "
-              f"| {gb(r['sampled_peak_tree_anon_bytes'])} | {r['wall_s']:.0f} | {ok} |")
+              f"| {gb(r['sampled_peak_tree_anon_bytes'])} | {r['wall_s']:.0f} | {ok} |{above}")
     for step in steps:
         print(f"\n{step}: RSS at each printed line (peak until the next line), GB")
         for p in results[step]["phases"]:
