@@ -1,19 +1,37 @@
-"""The generation benchmark in smoke mode (tiny model, 16 tokens), so it never rots.
+"""The benchmarks in their smallest settings, so that they never rot.
 
-It runs the real script end to end: the project's steps, the raw onnxruntime-genai loop, both
-pyfunc models, `mlflow models serve`, the bandwidth probe. Numbers are checked for sanity only
-(present, positive, consistent with each other), never against speed targets.
+The generation benchmark in smoke mode (tiny model, 16 tokens) runs end to end: the project's
+steps, the raw onnxruntime-genai loop, both pyfunc models, `mlflow models serve`, the bandwidth
+probe. Its numbers are checked for sanity only (present, positive, consistent with each other),
+never against speed targets.
+
+The step-memory benchmark runs main's steps on Phi-3-mini-shaped checkpoints of 1 and 3 layers at
+full width (0.62 and 1.07 GB of bf16 weights) and checks the memory goal scaled down (see
+benchmarks/README.md): what each byte of decoder layers adds to a step's peak RSS stays within the
+1.5x that bounds the whole peak at full size.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
 from conftest import REPO
+
+
+def run_benchmark(name: str, args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`python -m benchmarks.<name> args` from outside the repository, as a user runs it."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
 
 PATHS = ["raw int4", "raw fp32", "pyfunc int4 (stream)", "served int4", "pipeline fp32"]
 STEPS = ["fetch_model", "log_pipeline", "log_onnx_wrapper int4", "log_onnx_wrapper fp32"]
@@ -23,12 +41,8 @@ STEPS = ["fetch_model", "log_pipeline", "log_onnx_wrapper int4", "log_onnx_wrapp
 def smoke(tmp_path_factory, tracking_uri):
     workdir = tmp_path_factory.mktemp("bench")
     results = workdir / "results"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "generation.py"), "--smoke", "--workdir", str(workdir),
-         "--results-dir", str(results), "--tracking-uri", tracking_uri],
-        capture_output=True, text=True, timeout=900, cwd=workdir, stdin=subprocess.DEVNULL,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = run_benchmark("generation", ["--smoke", "--workdir", str(workdir), "--results-dir", str(results),
+                                        "--tracking-uri", tracking_uri], workdir, timeout=900)
     return results, proc.stdout
 
 
@@ -72,12 +86,38 @@ def test_smoke_writes_json_markdown_and_png(smoke):
 
 
 def test_smoke_is_logged_to_mlflow(smoke, tracking_uri):
-    results, stdout = smoke
-    run_id = stdout.strip().splitlines()[-1].split("MLflow run ")[1].split()[0]
-    run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("phi3flow-benchmarks")
+    [run] = client.search_runs([experiment.experiment_id], "tags.mlflow.runName = 'generation-benchmark'")
+    run_id = run.info.run_id
     assert run.info.status == "FINISHED"
     assert run.data.params["smoke"] == "True" and run.data.params["new_tokens"] == "16"
     assert run.data.metrics["raw_int4.decode_tok_s"] > 0
     assert run.data.metrics["read_gb_s"] > 0
-    names = {f.path for f in mlflow.MlflowClient(tracking_uri).list_artifacts(run_id)}
+    names = {f.path for f in client.list_artifacts(run_id)}
     assert names == {"benchmark.json", "benchmark.md", "benchmark.png"}
+
+
+MAIN_STEPS = ["fetch_model", "log_pipeline", "log_onnx_wrapper", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def step_memory(tmp_path_factory) -> dict:
+    workdir = tmp_path_factory.mktemp("step-memory")
+    out = workdir / "step_memory.json"
+    run_benchmark("step_memory", ["--num-layers", "3", "--baseline-layers", "1", "--dtype", "bfloat16",
+                                  "--workdir", str(workdir), "--out", str(out)], workdir, timeout=1500)
+    return json.loads(out.read_text())
+
+
+def test_each_step_costs_at_most_1_5x_the_bytes_of_its_layers(step_memory):
+    """(peak at 3 layers - peak at 1 layer) / (weights at 3 layers - at 1 layer), per step: the fixed
+    cost of the step's processes and the layer-independent tensors cancel, measured on the same step."""
+    weight_difference = step_memory["model"]["weight_bytes"] - step_memory["baseline"]["weight_bytes"]
+    # two full-width bf16 layers: large against the noise of a process's RSS (tens of MB)
+    assert weight_difference > 400e6
+    assert set(step_memory["steps"]) == set(MAIN_STEPS)
+    for step in MAIN_STEPS:
+        record, baseline = step_memory["steps"][step], step_memory["baseline"]["steps"][step]
+        assert record["baseline_peak_bytes"] == max(baseline["peak_rss_bytes"], baseline["sampled_peak_tree_rss_bytes"]) > 100e6
+        assert record["marginal_ratio"] <= step_memory["limit_ratio"] == 1.5, (step, record["marginal_ratio"])

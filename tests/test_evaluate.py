@@ -12,7 +12,7 @@ import matplotlib.image
 import mlflow
 import pandas as pd
 import pytest
-from conftest import assert_failed_with, assert_ok, mlflow_run
+from conftest import assert_failed_with, assert_ok, assert_step_fails_with, mlflow_run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from servers import MlflowServer
@@ -30,9 +30,12 @@ from phi3flow.evaluation import (
     token_overlap_f1,
 )
 from phi3flow.registry import Candidate, ChampionMoved, Decision, apply, decide
+from steps import evaluate as evaluate_step
 
 BUNDLED_ROWS = len((PROJECT_ROOT / settings.BUNDLED_EVAL_FILE).read_text().splitlines())
 NAMES = {"pipeline_model_name": "eval-pipeline", "onnx_model_name": "eval-onnx"}
+# Names of their own: a failed evaluation must not change what the tests of the first evaluation find.
+BAD_INPUT_NAMES = {"pipeline_model_name": "bad-input-pipeline", "onnx_model_name": "bad-input-onnx"}
 
 
 def _alias_holder(names: list[str]) -> list[str]:
@@ -379,19 +382,24 @@ def test_missing_file_is_refused(tmp_path):
         load_eval_data("/nonexistent/set.csv", tmp_path)
 
 
-@pytest.mark.parametrize("case", ["malformed-file", "too-many-tokens", "wrong-run"])
-def test_bad_step_input_fails_with_one_line(case, pipeline_run, onnx_fp32_run, tracking_uri, tmp_path):
-    params = {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id, **NAMES}
-    if case == "malformed-file":
-        params["eval_data"] = _write(tmp_path, "set.jsonl", '{"prompt": "a", "reference": "b"}\n{"prompt": 3, "reference": "d"}\n')
-    elif case == "too-many-tokens":
-        params["max_tokens"] = "100000"
-    else:
-        params["onnx_run_id"] = pipeline_run.run_id  # a run, but not a log_onnx_wrapper run
+def test_bad_step_input_fails_with_one_line(pipeline_run, onnx_fp32_run, tracking_uri, tmp_path):
+    eval_data = _write(tmp_path, "set.jsonl", '{"prompt": "a", "reference": "b"}\n{"prompt": 3, "reference": "d"}\n')
+    params = {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id, "eval_data": eval_data, **BAD_INPUT_NAMES}
     result = mlflow_run("evaluate", params, tracking_uri, timeout=300)
+    assert_failed_with(result, "set.jsonl line 2: 'prompt' must be a string, got int")
+
+
+@pytest.mark.parametrize("case", ["too-many-tokens", "wrong-run"])
+def test_each_bad_step_input_has_its_message(case, pipeline_run, onnx_fp32_run):
+    options = ["--pipeline-run-id", pipeline_run.run_id, "--onnx-run-id", onnx_fp32_run.run_id,
+               "--pipeline-model-name", BAD_INPUT_NAMES["pipeline_model_name"],
+               "--onnx-model-name", BAD_INPUT_NAMES["onnx_model_name"]]
+    if case == "too-many-tokens":
+        options += ["--max-tokens", "100000"]
+    else:
+        options += ["--onnx-run-id", pipeline_run.run_id]  # a run, but not a log_onnx_wrapper run
     expected = {
-        "malformed-file": "set.jsonl line 2: 'prompt' must be a string, got int",
         "too-many-tokens": "the onnx model failed to answer: 'max_tokens' is 100000 but only 4078 tokens fit",
         "wrong-run": f"run '{pipeline_run.run_id}' logged no model named 'phi3-onnx': is it a log_onnx_wrapper run?",
     }[case]
-    assert_failed_with(result, expected)
+    assert_step_fails_with(evaluate_step.main, options, expected)

@@ -19,7 +19,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import assert_failed_with, assert_ok, in_fresh_process, invoke_step, mlflow_run, model_uri_of
+from conftest import (
+    assert_failed_with,
+    assert_ok,
+    assert_step_fails_with,
+    in_fresh_process,
+    invoke_step,
+    mlflow_run,
+    model_uri_of,
+)
 from mlflow.exceptions import MlflowException
 from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -208,18 +216,21 @@ def test_non_string_content_is_refused(onnx_fp32_model):
         onnx_fp32_model.predict({"messages": [{"role": "user", "content": 3}]})
 
 
+def test_bad_step_input_fails_with_one_line(fetch_run_id, tracking_uri):
+    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "precision": "int3"}, tracking_uri, timeout=300)
+    assert_failed_with(result, "precision must be one of int4, fp32, not 'int3'")
+
+
 @pytest.mark.parametrize(
-    ("params", "message"),
+    ("options", "message"),
     [
-        ({"precision": "int3"}, "precision must be one of int4, fp32, not 'int3'"),
-        ({"execution_provider": "cuda"}, "execution_provider must be one of cpu, not 'cuda'"),
-        ({"interface": "rest"}, "interface must be one of chat, prompt, not 'rest'"),
-        ({"fetch_run_id": "0123456789abcdef"}, "no run with ID '0123456789abcdef'"),
+        (["--execution-provider", "cuda"], "execution_provider must be one of cpu, not 'cuda'"),
+        (["--interface", "rest"], "interface must be one of chat, prompt, not 'rest'"),
+        (["--fetch-run-id", "0123456789abcdef"], "no run with ID '0123456789abcdef'"),
     ],
 )
-def test_bad_step_input_fails_with_one_line(params, message, fetch_run_id, tracking_uri):
-    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, **params}, tracking_uri, timeout=300)
-    assert_failed_with(result, message)
+def test_each_bad_step_input_has_its_message(options, message, fetch_run_id):
+    assert_step_fails_with(log_onnx_wrapper_step.main, ["--fetch-run-id", fetch_run_id, *options], message)
 
 
 # ---- prebuilt folders, a model that cannot run, the input forms MLflow documents -----------------

@@ -1,8 +1,10 @@
 """The `main` entry point: chained step runs, the cache for scheduled reruns, faults, the cron wrapper.
 
 The tests share one clean git copy of the project and one experiment, like successive scheduled
-runs of the same flow. What a test builds on (a first run, an interrupted one, a hard kill) is a
-module fixture, so each test also runs alone.
+runs of the same flow. The runs they examine are stages, module fixtures that each build on the one
+before (first run, changed parameter, forced and interrupted, rerun, hard kill), so the runs happen in
+that order whatever order the tests run in, and each test also runs alone. Each stage records the step
+runs it created.
 """
 
 from __future__ import annotations
@@ -126,19 +128,31 @@ class Background:
         self.proc.wait(timeout=60)
 
 
-@pytest.fixture(scope="module")
-def first_main(run_main, params) -> StepResult:
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    result: StepResult  # the main run
+    new_step_runs: set[str]  # the step runs it created
+
+
+def _run_stage(run_main, experiment_id: str, params: dict[str, str]) -> Stage:
+    existing = set(_step_runs(experiment_id))
     result = run_main(params)
     assert_ok(result)
-    return result
+    return Stage(result, set(_step_runs(experiment_id)) - existing)
+
+
+@pytest.fixture(scope="module")
+def first_main(run_main, params, experiment_id) -> Stage:
+    return _run_stage(run_main, experiment_id, params)
 
 
 def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, experiment_id):
     client = mlflow.MlflowClient()
-    main = client.get_run(first_main.run_id)
-    steps = _steps_of(first_main.run_id)
+    result, created = first_main.result, first_main.new_step_runs
+    main = client.get_run(result.run_id)
+    steps = _steps_of(result.run_id)
     assert list(steps) == list(settings.MAIN_STEPS)
-    assert set(_step_runs(experiment_id)) == set(steps.values())  # nothing else ran
+    assert created == set(steps.values())  # nothing else ran
     commit = _git(project, "rev-parse", "HEAD")
     runs = {ep: client.get_run(run_id) for ep, run_id in steps.items()}
     assert main.info.run_name == "main"
@@ -146,7 +160,7 @@ def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, 
         assert run.info.status == "FINISHED"
         assert run.info.run_name == ep
         assert run.data.tags["mlflow.project.entryPoint"] == ep
-        assert run.data.tags["mlflow.parentRunId"] == first_main.run_id
+        assert run.data.tags["mlflow.parentRunId"] == result.run_id
         assert run.data.tags["mlflow.source.git.commit"] == commit
         assert run.data.tags[settings.TAG_CODE_VERSION] == code_version(project)
         assert settings.TAG_CACHE_KEY in run.data.tags
@@ -161,11 +175,11 @@ def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, 
     assert main.data.tags[settings.TAG_ENV_MANAGER] == "local"
     assert all("mlflow.project.env" not in run.data.tags for run in runs.values())
     assert main.data.tags[settings.TAG_REVISION] == runs["fetch_model"].data.tags[settings.TAG_REVISION]
-    summary = mlflow.artifacts.load_dict(f"runs:/{first_main.run_id}/{settings.SUMMARY_FILE}")
+    summary = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/{settings.SUMMARY_FILE}")
     assert [(s["entry_point"], s["run_id"], s["reused"]) for s in summary["steps"]] == [
         (ep, steps[ep], False) for ep in settings.MAIN_STEPS
     ]
-    assert f"main run {first_main.run_id}: 4 steps run, 0 reused" in first_main.stdout
+    assert f"main run {result.run_id}: 4 steps run, 0 reused" in result.stdout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,9 +191,23 @@ class Interrupted:
 
 
 @pytest.fixture(scope="module")
-def interrupted_forced_main(first_main, params, project, experiment_id, tracking_uri, tmp_path_factory) -> Interrupted:
+def changed_parameter_main(first_main, run_main, params, experiment_id, tmp_path_factory) -> Stage:
+    """main again with a one-row evaluation set instead of two."""
+    return _run_stage(run_main, experiment_id, {**params, "eval_data": _eval_file(tmp_path_factory.mktemp("one") / "one.jsonl", 1)})
+
+
+def test_changed_parameter_reruns_only_the_steps_that_use_it(first_main, changed_parameter_main):
+    previous, steps = _steps_of(first_main.result.run_id), _steps_of(changed_parameter_main.result.run_id)
+    assert {ep: steps[ep] for ep in ("fetch_model", "log_pipeline", "log_onnx_wrapper")} == {
+        ep: previous[ep] for ep in ("fetch_model", "log_pipeline", "log_onnx_wrapper")
+    }
+    assert changed_parameter_main.new_step_runs == {steps["evaluate"]}
+
+
+@pytest.fixture(scope="module")
+def interrupted_forced_main(changed_parameter_main, first_main, params, project, experiment_id, tracking_uri, tmp_path_factory) -> Interrupted:
     """main with force=true, stopped by SIGTERM while log_onnx_wrapper converts."""
-    before = _steps_of(first_main.run_id)
+    before = _steps_of(first_main.result.run_id)
     bg = Background(project, experiment_id, tracking_uri, tmp_path_factory.mktemp("forced") / "main.log", {**params, "force": "true"})
     onnx = bg.child("log_onnx_wrapper")
     bg.wait_for_output("converting to ONNX")  # the step is at work
@@ -209,34 +237,24 @@ def test_force_reruns_steps_and_an_interrupted_step_ends_failed(interrupted_forc
     assert "log_onnx_wrapper" not in forced  # main names only the steps that finished
 
 
-def test_rerun_after_a_kill_reruns_the_killed_step_and_its_dependents_only(interrupted_forced_main, run_main, params, experiment_id):
+@pytest.fixture(scope="module")
+def rerun_after_a_kill(interrupted_forced_main, run_main, params, experiment_id) -> Stage:
+    """main as scheduled after the interrupted run."""
+    return _run_stage(run_main, experiment_id, params)
+
+
+def test_rerun_after_a_kill_reruns_the_killed_step_and_its_dependents_only(interrupted_forced_main, rerun_after_a_kill):
     client = mlflow.MlflowClient()
     forced = _steps_of(interrupted_forced_main.main_id)
-    existing = set(_step_runs(experiment_id))
-    result = run_main(params)
-    assert_ok(result)
+    result = rerun_after_a_kill.result
     steps = _steps_of(result.run_id)
     # The newest FINISHED fetch_model and log_pipeline runs (the forced ones) are reused ...
     assert steps["fetch_model"] == forced["fetch_model"]
     assert steps["log_pipeline"] == forced["log_pipeline"]
     # ... the killed log_onnx_wrapper is not: it and evaluate, which depends on it, run again.
-    new = set(_step_runs(experiment_id)) - existing
-    assert new == {steps["log_onnx_wrapper"], steps["evaluate"]}
-    assert all(client.get_run(run_id).info.status == "FINISHED" for run_id in new)
+    assert rerun_after_a_kill.new_step_runs == {steps["log_onnx_wrapper"], steps["evaluate"]}
+    assert all(client.get_run(run_id).info.status == "FINISHED" for run_id in rerun_after_a_kill.new_step_runs)
     assert f"main run {result.run_id}: 2 steps run, 2 reused" in result.stdout
-
-
-def test_changed_parameter_reruns_only_the_steps_that_use_it(first_main, run_main, params, experiment_id, tmp_path):
-    previous = _steps_of(next(r for r in _runs(experiment_id) if r.info.status == "FINISHED"
-                              and r.data.tags.get("mlflow.project.entryPoint") == "main").info.run_id)
-    existing = set(_step_runs(experiment_id))
-    result = run_main({**params, "eval_data": _eval_file(tmp_path / "one.jsonl", 1)})
-    assert_ok(result)
-    steps = _steps_of(result.run_id)
-    assert {ep: steps[ep] for ep in ("fetch_model", "log_pipeline", "log_onnx_wrapper")} == {
-        ep: previous[ep] for ep in ("fetch_model", "log_pipeline", "log_onnx_wrapper")
-    }
-    assert set(_step_runs(experiment_id)) - existing == {steps["evaluate"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +263,7 @@ class HardKilled:
 
 
 @pytest.fixture(scope="module")
-def hard_killed_main(first_main, project, params, experiment_id, tracking_uri, tmp_path_factory) -> HardKilled:
+def hard_killed_main(rerun_after_a_kill, project, params, experiment_id, tracking_uri, tmp_path_factory) -> HardKilled:
     """main on a tree with an uncommitted code change, SIGKILLed with its step while fetch_model runs."""
     settings_file = project / "phi3flow" / "settings.py"
     settings_file.write_text(settings_file.read_text() + "\n# an uncommitted edit\n")
@@ -264,23 +282,20 @@ def test_dirty_tree_never_reuses_and_a_hard_kill_leaves_runs_running(hard_killed
     assert list(hard_killed_main.statuses.values()) == ["RUNNING", "RUNNING"]
 
 
-def test_scheduled_noop_rerun_reuses_every_step_in_seconds_and_ends_stale_runs(hard_killed_main, project, params, experiment_id, tracking_uri, tmp_path):
+def test_scheduled_noop_rerun_reuses_every_step_and_ends_stale_runs(hard_killed_main, rerun_after_a_kill, project, params, experiment_id, tracking_uri, tmp_path):
     client = mlflow.MlflowClient()
     stale = list(hard_killed_main.statuses)
-    latest = next(r for r in _runs(experiment_id) if r.info.status == "FINISHED" and r.data.params.get("eval_data") == params["eval_data"]
-                  and r.data.tags.get("mlflow.project.entryPoint") == "main")
     existing = set(_step_runs(experiment_id))
     start = time.monotonic()
     proc = _scheduled(project, tracking_uri, experiment_id, tmp_path, *(f"-P{k}={v}" for k, v in params.items()))
     seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
-    print(f"no-op scheduled rerun of main: {seconds:.1f} s")
-    assert seconds < 60  # a single step run of the tiny model alone takes longer than this
+    print(f"no-op scheduled rerun of main: {seconds:.1f} s")  # for the log: speed is not asserted here
     assert set(_step_runs(experiment_id)) == existing  # no step ran
     log = Path(proc.stdout.split("output in ")[1].split()[0])
     assert log.parent == tmp_path / "logs"
     main_id = re.search(r"^main run ([0-9a-f]+): ", log.read_text(), re.MULTILINE).group(1)
-    assert _steps_of(main_id) == _steps_of(latest.info.run_id)
+    assert _steps_of(main_id) == _steps_of(rerun_after_a_kill.result.run_id)
     assert f"main run {main_id}: 0 steps run, 4 reused" in proc.stdout
     for run_id in stale:
         run = client.get_run(run_id)
