@@ -7,6 +7,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     # The Hugging Face cache (fetch_model downloads here): a volume in k8s/cronjob-main.yaml
     HF_HOME=/cache/huggingface \
+    # The steps' cache of fetched model files (docs/disk.md): on the same volume, so a rerun downloads nothing
+    PHI3FLOW_CACHE_DIR=/cache/phi3flow \
     PHI3FLOW_ENV_MANAGER=local
 
 WORKDIR /app

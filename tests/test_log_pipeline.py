@@ -7,10 +7,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import assert_failed_with, assert_ok, in_fresh_process, mlflow_run, model_uri_of
+from conftest import assert_failed_with, assert_ok, assert_step_fails_with, in_fresh_process, mlflow_run, model_uri_of
 from transformers import AutoTokenizer
 
 from phi3flow import settings
+from steps import log_pipeline as log_pipeline_step
 
 SEED_MESSAGES = [{"role": "user", "content": settings.SEED_QUESTION}]
 
@@ -83,24 +84,24 @@ print(json.dumps([model.predict(request), model.predict(request)]))
     assert second[0]["choices"][0]["message"]["content"] == choice["message"]["content"]
 
 
-@pytest.mark.parametrize("case", ["unknown-run", "run-without-model", "bad-dtype"])
-def test_bad_input_fails_with_one_line(case, fetch_run_id, tracking_uri):
+def test_bad_input_fails_with_one_line(fetch_run_id, tracking_uri):
+    result = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id, "dtype": "int3"}, tracking_uri, timeout=300)
+    assert_failed_with(result, "dtype must be one of auto, float32, bfloat16, float16, not 'int3'")
+
+
+@pytest.mark.parametrize("case", ["unknown-run", "run-without-model"])
+def test_each_bad_run_id_has_its_message(case):
     if case == "run-without-model":
         with mlflow.start_run() as other:
             mlflow.log_param("unrelated", 1)
         run_id = other.info.run_id
     else:
-        run_id = "0123456789abcdef" if case == "unknown-run" else fetch_run_id
-    params = {"fetch_run_id": run_id}
-    if case == "bad-dtype":
-        params["dtype"] = "int3"
-    result = mlflow_run("log_pipeline", params, tracking_uri, timeout=300)
+        run_id = "0123456789abcdef"
     expected = {
         "unknown-run": "no run with ID '0123456789abcdef'",
         "run-without-model": "is it a fetch_model run?",
-        "bad-dtype": "dtype must be one of auto, float32, bfloat16, float16, not 'int3'",
     }[case]
-    assert_failed_with(result, expected)
+    assert_step_fails_with(log_pipeline_step.main, ["--fetch-run-id", run_id], expected)
 
 
 def test_checksum_mismatch_fails_the_step(fetch_run_id, tracking_uri, tmp_path):
