@@ -48,6 +48,7 @@ def run_step(main: Callable[[], None]) -> None:
     except UserError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
+        _end_run_failed()
         _fail("interrupted (Ctrl-C, SIGTERM, or the process that started this step ended): the run was marked FAILED")
     except MlflowException as exc:
         refusal, outage = _auth_refusal(exc), outage_message(exc)
@@ -92,6 +93,25 @@ def outage_message(exc: BaseException | None) -> str | None:
     retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "")
     return (f"the tracking server {url.scheme}://{url.netloc} failed the call {url.path} after {retries} retries ({why}); "
             f"MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT set how long a step waits")
+
+
+def _end_run_failed() -> None:
+    """End the run `mlflow run` made for this process FAILED, if it is still RUNNING.
+
+    The step's `with mlflow.start_run()` does that for an interrupt inside it; one that arrives before
+    (while the process starts) would leave the run RUNNING when `mlflow run` itself is gone (killed
+    with its main) and cannot end it. Best effort: with the tracking server down, the next main's
+    sweep of stale runs ends it instead, and the one-line message still comes first.
+    """
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    client = mlflow.MlflowClient()
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
+    except MlflowException:
+        pass
 
 
 def _fail(message: str) -> None:
