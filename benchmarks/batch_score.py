@@ -34,7 +34,8 @@ def load1() -> float:
 
 
 def requests(rows: int, max_tokens: int) -> list[dict]:
-    return [{"id": i, "messages": [{"role": "user", "content": f"Tell me about the number {i}."}], "max_tokens": max_tokens} for i in range(rows)]
+    return [{"id": i, "messages": [{"role": "user", "content": f"Tell me about the number {i}."}],
+             "max_tokens": max_tokens} for i in range(rows)]
 
 
 def loop(model_uri: str, rows: list[dict]) -> dict:
@@ -46,10 +47,12 @@ def loop(model_uri: str, rows: list[dict]) -> dict:
     loaded = time.monotonic()
     tokens = 0
     for row in rows:
-        tokens += model.predict({"messages": row["messages"], "max_tokens": row["max_tokens"]})[0]["usage"]["completion_tokens"]
+        answer = model.predict({"messages": row["messages"], "max_tokens": row["max_tokens"]})[0]
+        tokens += answer["usage"]["completion_tokens"]
     end = time.monotonic()
-    return {"path": "in-process loop", "load_s": loaded - start, "score_s": end - loaded, "rows": len(rows), "completion_tokens": tokens,
-            "rows_per_s": len(rows) / (end - loaded), "rows_per_s_with_load": len(rows) / (end - start), "loadavg_before": before, "loadavg_after": load1()}
+    return {"path": "in-process loop", "load_s": loaded - start, "score_s": end - loaded, "rows": len(rows),
+            "completion_tokens": tokens, "rows_per_s": len(rows) / (end - loaded),
+            "rows_per_s_with_load": len(rows) / (end - start), "loadavg_before": before, "loadavg_after": load1()}
 
 
 def spark(model_uri: str, source: Path, cores: int, max_tokens: int, workdir: Path) -> list[dict]:
@@ -62,9 +65,11 @@ def spark(model_uri: str, source: Path, cores: int, max_tokens: int, workdir: Pa
         for kind in ("cold", "warm"):
             before = load1()
             result = batch_score(model_uri, str(source), f"local[{cores}]", max_tokens, workdir / kind, spark=session)
-            measured.append({"path": f"batch_score local[{cores}], {kind}", "load_s": None, "score_s": result.seconds, "rows": result.rows,
-                             "errors": result.errors, "completion_tokens": result.completion_tokens, "model_loads": result.model_loads,
-                             "rows_per_s": result.rows / result.seconds, "loadavg_before": before, "loadavg_after": load1()})
+            measured.append({"path": f"batch_score local[{cores}], {kind}", "load_s": None, "score_s": result.seconds,
+                             "rows": result.rows, "errors": result.errors,
+                             "completion_tokens": result.completion_tokens, "model_loads": result.model_loads,
+                             "rows_per_s": result.rows / result.seconds,
+                             "loadavg_before": before, "loadavg_after": load1()})
     finally:
         session.stop()
     return measured
@@ -72,7 +77,8 @@ def spark(model_uri: str, source: Path, cores: int, max_tokens: int, workdir: Pa
 
 def markdown(report: dict) -> str:
     lines = [
-        f"Machine: {report['machine']['nproc']} CPUs, {platform.processor() or platform.machine()}; shared with other work: "
+        f"Machine: {report['machine']['nproc']} CPUs, {platform.processor() or platform.machine()}; shared "
+        "with other work: "
         f"the 1-minute load average is given with every number. {report['time']}.",
         f"Model: {report['model']}; {report['rows']} rows, max_tokens {report['max_tokens']}, greedy.",
         "",
@@ -81,7 +87,8 @@ def markdown(report: dict) -> str:
     ]
     for m in report["measurements"]:
         load = f"{m['load_s']:.1f}" if m["load_s"] is not None else "in the job"
-        lines.append(f"| {m['path']} | {m['rows_per_s']:.1f} | {m['score_s']:.1f} | {load} | {m['completion_tokens']} | "
+        lines.append(f"| {m['path']} | {m['rows_per_s']:.1f} | {m['score_s']:.1f} | {load} | "
+                     f"{m['completion_tokens']} | "
                      f"{m.get('model_loads', 1)} | {m['loadavg_before']} / {m['loadavg_after']} |")
     return "\n".join(lines) + "\n"
 
@@ -106,14 +113,17 @@ def main() -> None:
 
     measurements = [loop(model_uri, rows)]
     for cores in (1, 2):
-        measurements.extend(spark(model_uri, source, cores, args.max_tokens, args.workdir / f"spark-{cores}-{time.time_ns()}"))
+        measurements.extend(spark(model_uri, source, cores, args.max_tokens,
+                                  args.workdir / f"spark-{cores}-{time.time_ns()}"))
     for m in measurements:
-        print(f"{m['path']}: {m['rows_per_s']:.1f} rows/s (load average {m['loadavg_before']} -> {m['loadavg_after']})", flush=True)
+        print(f"{m['path']}: {m['rows_per_s']:.1f} rows/s (load average {m['loadavg_before']} -> {m['loadavg_after']})",
+              flush=True)
 
     report = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version()},
-        "model": f"{args.model}" + (f", {args.layers} layers" if args.model != "tiny" else "") + ", int4 ONNX (phi3-onnx pyfunc)",
+        "model": f"{args.model}" + (f", {args.layers} layers" if args.model != "tiny" else "")
+                 + ", int4 ONNX (phi3-onnx pyfunc)",
         "model_uri": model_uri,
         "tracking_uri": tracking_uri,
         "rows": args.rows,

@@ -68,13 +68,15 @@ def machine() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "nproc": os.cpu_count(), "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+    return {"cpu": cpu, "nproc": os.cpu_count(),
+            "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "python": platform.python_version()}
 
 
 def build_model(model_dir: Path, num_layers: int, smoke: bool, workdir: Path, env: dict, rebuild: bool) -> None:
     if not smoke:
-        phi3_mini_shaped.ensure_built(model_dir, num_layers, "float32", workdir / "logs" / "build.log", env, rebuild=rebuild)
+        phi3_mini_shaped.ensure_built(model_dir, num_layers, "float32", workdir / "logs" / "build.log", env,
+                                      rebuild=rebuild)
     elif rebuild or not (model_dir / "config.json").is_file():
         from phi3flow import tiny
 
@@ -89,7 +91,8 @@ def chat_messages(model_dir: Path, prompt_tokens: int) -> list[dict]:
     tok = AutoTokenizer.from_pretrained(model_dir)
 
     def count(content: str) -> int:
-        text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                       add_generation_prompt=True)
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
     for n in range(1, len(PROMPT_WORDS) + 1):
@@ -155,7 +158,8 @@ def run_probe(name: str, args_: list[str], workdir: Path, env: dict) -> dict:
     print(f"\n== {name}", flush=True)
     log, out = workdir / "logs" / f"probe-{name}.log", workdir / "logs" / f"probe-{name}.json"
     out.unlink(missing_ok=True)
-    m = run_measured([sys.executable, "-m", "benchmarks.probe", *args_, "--out", str(out)], cwd=workdir / "cwd", env=env,
+    m = run_measured([sys.executable, "-m", "benchmarks.probe", *args_, "--out", str(out)], cwd=workdir / "cwd",
+                     env=env,
                      log_path=log, echo=False)
     if m.returncode != 0 or not out.is_file():
         raise SystemExit(f"{name} failed (exit {m.returncode}); see {log}")
@@ -231,7 +235,8 @@ def goals(rows: dict[str, dict], compared: dict, steps: dict, weight_bytes: int)
     measured = {
         "pyfunc_vs_raw": compared["paths"]["pyfunc_stream"]["vs_raw"],
         "served_vs_raw": compared["paths"]["served"]["vs_raw"],
-        "int4_vs_transformers": ratio(rows["pyfunc int4 (stream)"]["decode_tok_s"], rows["pipeline fp32"]["decode_tok_s"]),
+        "int4_vs_transformers": ratio(rows["pyfunc int4 (stream)"]["decode_tok_s"],
+                                      rows["pipeline fp32"]["decode_tok_s"]),
         "raw_vs_bound": compared["raw_vs_bound"],
         "log_pipeline_rss_vs_weights": ratio(steps["log_pipeline"]["peak_rss_bytes"], weight_bytes),
     }
@@ -241,7 +246,8 @@ def goals(rows: dict[str, dict], compared: dict, steps: dict, weight_bytes: int)
         at_most = key.endswith("_rss_vs_weights")
         met = None if value is None else (value <= target if at_most else value >= target)
         out.append({"goal": key, "measured": value, "target": target, "at_most": at_most, "met": met})
-    out.append({"goal": "log_onnx_wrapper_rss_vs_weights", "measured": ratio(steps["log_onnx_wrapper int4"]["peak_rss_bytes"], weight_bytes),
+    out.append({"goal": "log_onnx_wrapper_rss_vs_weights",
+                "measured": ratio(steps["log_onnx_wrapper int4"]["peak_rss_bytes"], weight_bytes),
                 "target": None, "at_most": True, "met": None})
     return out
 
@@ -255,9 +261,11 @@ def markdown(report: dict) -> str:
     load = report["loadavg"]
     lines = [
         f"Machine: {m['cpu']}, {m['nproc']} CPUs, {m['mem_total_bytes'] / GB:.1f} GB RAM; load average "
-        f"{load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end (1-minute averages, the benchmark's own processes included). "
+        f"{load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end (1-minute averages, the benchmark's own "
+        "processes included). "
         f"{report['time']}.",
-        f"Model: Phi-3-mini-shaped, {model['num_layers']} layers, {model['weight_bytes'] / GB:.2f} GB of float32 weights; "
+        f"Model: Phi-3-mini-shaped, {model['num_layers']} layers, {model['weight_bytes'] / GB:.2f} GB of "
+        "float32 weights; "
         f"prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new tokens, median of {report['repeats']}.",
         "",
         "| path | load (s) | time to first token (s) | decode (tok/s) | tokens | peak RSS (GB) | measured by |",
@@ -269,7 +277,8 @@ def markdown(report: dict) -> str:
     c, b = report["interleaved"], report["bandwidth"]
     lines += [
         "",
-        f"Interleaved in one process, {c['rounds']} rounds (the ratio to the raw loop of the same round, median over rounds):",
+        f"Interleaved in one process, {c['rounds']} rounds (the ratio to the raw loop of the same round, "
+        "median over rounds):",
         "",
         "| path | decode (tok/s) | time to first token (s) | decode / raw |",
         "|---|---|---|---|",
@@ -278,9 +287,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {p['name']} | {fmt(p['decode_tok_s'], 1)} | {fmt(p['ttft_s'], 3)} | {fmt(p['vs_raw'])} |")
     lines += [
         "",
-        f"Memory-bandwidth bound: read bandwidth {b['read_gb_s']:.1f} GB/s (alone; {fmt(c['read_gb_s'], 1)} GB/s median in "
+        f"Memory-bandwidth bound: read bandwidth {b['read_gb_s']:.1f} GB/s (alone; {fmt(c['read_gb_s'], 1)} "
+        "GB/s median in "
         f"the interleaved rounds) / {report['bytes_per_token']['int4']['total'] / GB:.3f} GB read per int4 token = "
-        f"{report['bound_tok_s']['int4']:.1f} tok/s (fp32 ONNX: {report['bound_tok_s']['fp32']:.1f} tok/s, transformers fp32: "
+        f"{report['bound_tok_s']['int4']:.1f} tok/s (fp32 ONNX: {report['bound_tok_s']['fp32']:.1f} tok/s, "
+        "transformers fp32: "
         f"{report['bound_tok_s']['transformers fp32']:.1f} tok/s).",
         "",
         "| goal | measured | target | met |",
@@ -294,7 +305,8 @@ def markdown(report: dict) -> str:
         lines += ["", "Smoke run on the tiny model: these numbers show the benchmark works, not how fast anything is."]
     lines += ["", "| step | peak RSS (GB) | peak RSS / weights | wall (s) |", "|---|---|---|---|"]
     for name, s in report["steps"].items():
-        lines.append(f"| {name} | {fmt(s['peak_rss_bytes'] / GB)} | {fmt(s['peak_rss_bytes'] / model['weight_bytes'])} | {s['wall_s']:.0f} |")
+        lines.append(f"| {name} | {fmt(s['peak_rss_bytes'] / GB)} | {fmt(s['peak_rss_bytes'] / model['weight_bytes'])} "
+                     f"| {s['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -358,12 +370,16 @@ def main() -> None:
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128 (16 with --smoke)")
-    parser.add_argument("--repeats", type=int, default=None, help="measured generations per path; default 4 (1 with --smoke)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="measured generations per path; default 4 (1 with --smoke)")
     parser.add_argument("--serve-workers", type=int, default=1, help="uvicorn workers of `mlflow models serve`")
-    parser.add_argument("--smoke", action="store_true", help="the tiny model instead: checks the benchmark works, in seconds")
-    parser.add_argument("--skip-build", action="store_true", help="reuse the model folder of an earlier run if there is one")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the tiny model instead: checks the benchmark works, in seconds")
+    parser.add_argument("--skip-build", action="store_true",
+                        help="reuse the model folder of an earlier run if there is one")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/phi3flow-bench"))
-    parser.add_argument("--results-dir", type=Path, default=None, help="default benchmarks/results (<workdir>/results with --smoke)")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="default benchmarks/results (<workdir>/results with --smoke)")
     parser.add_argument("--tracking-uri", default=None, help="default $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db")
     parser.add_argument("--experiment", default="phi3flow-benchmarks")
     args = parser.parse_args()
@@ -416,10 +432,12 @@ def main() -> None:
         "pyfunc int4": run_probe("pyfunc-int4", ["pyfunc", uris["log_onnx_wrapper int4"], *common], workdir, env),
     }
     print(f"\n== mlflow models serve ({args.serve_workers} worker)", flush=True)
-    with serving(mlflow_models_serve(uris["log_onnx_wrapper int4"], args.serve_workers), "/ping", workdir / "logs" / "served.log",
+    with serving(mlflow_models_serve(uris["log_onnx_wrapper int4"], args.serve_workers), "/ping",
+                 workdir / "logs" / "served.log",
                  cwd=workdir / "cwd", env=env, timeout_s=SERVER_START_TIMEOUT_S, sample_rss=True) as server:
         results["served int4"] = served(server.url, server.start_s, server.rss, messages, new_tokens, repeats)
-        compared = run_probe("compare", ["compare", str(onnx_dirs["int4"]), uris["log_onnx_wrapper int4"], server.url, *common],
+        compared = run_probe("compare",
+                             ["compare", str(onnx_dirs["int4"]), uris["log_onnx_wrapper int4"], server.url, *common],
                              workdir, env)
     results["pipeline fp32"] = run_probe("pipeline-fp32", ["pipeline", uris["log_pipeline"], *common], workdir, env)
     per_token, per_request = "per-token timestamps", "1-token and N-token requests"
@@ -446,18 +464,21 @@ def main() -> None:
         "machine": machine(),
         "loadavg": {"start": load_start, "end": os.getloadavg()},
         "smoke": args.smoke,
-        "model": {"dir": str(model_dir), "num_layers": json.loads((model_dir / "config.json").read_text())["num_hidden_layers"],
+        "model": {"dir": str(model_dir),
+                  "num_layers": json.loads((model_dir / "config.json").read_text())["num_hidden_layers"],
                   "weight_bytes": weight_bytes},
         "prompt_tokens": args.prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
         "messages": messages,
         "tracking_uri": tracking_uri, "fetch_run_id": fetch_run_id, "model_uris": uris,
         "rows": rows,
-        "interleaved": {**interleaved(compared["rounds"], bytes_per_token["int4"]["total"]), "runs": compared["rounds"]},
+        "interleaved": {**interleaved(compared["rounds"], bytes_per_token["int4"]["total"]),
+                        "runs": compared["rounds"]},
         "bandwidth": bw, "bytes_per_token": bytes_per_token, "bound_tok_s": bound,
         "steps": steps,
     }
     report["goals"] = goals({r["name"]: r for r in rows}, report["interleaved"], {"log_pipeline": steps["log_pipeline"],
-                                                         "log_onnx_wrapper int4": steps["log_onnx_wrapper int4"]}, weight_bytes)
+                                                         "log_onnx_wrapper int4": steps["log_onnx_wrapper int4"]},
+                            weight_bytes)
     files = [results_dir / "benchmark.json", results_dir / "benchmark.md", results_dir / "benchmark.png"]
     files[0].write_text(json.dumps(report, indent=1) + "\n")
     files[1].write_text(markdown(report))

@@ -162,7 +162,8 @@ def ensure_built(model_dir: Path, num_layers: int, dtype: str, log: Path, env: d
     env = dict(env or os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH", "")]))
     log.parent.mkdir(parents=True, exist_ok=True)
-    m = run_measured([sys.executable, "-m", "benchmarks.phi3_mini_shaped", str(model_dir), "--num-layers", str(num_layers),
+    m = run_measured([sys.executable, "-m", "benchmarks.phi3_mini_shaped", str(model_dir), "--num-layers",
+                      str(num_layers),
                       "--dtype", dtype], cwd=repo, env=env, log_path=log, echo=False)
     if m.returncode != 0:
         raise SystemExit(f"building {model_dir} failed; see {log}")

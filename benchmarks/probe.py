@@ -82,7 +82,8 @@ class RawLoop:
         self.load_s, self.model = _timed(lambda: og.Model(onnx_dir))
         self.tokenizer = og.Tokenizer(self.model)
         # The same prompt the pyfunc builds: the model's chat template, then encode.
-        self.ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))
+        self.ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(json.dumps(messages),
+                                                                            add_generation_prompt=True))
 
     def generate(self, n: int) -> dict:
         og, ids = self.og, self.ids

@@ -88,7 +88,8 @@ def _logged_model_uri(tracking_uri: str, run: mlflow.entities.Run) -> str | None
     return f"models:/{models[0].model_id}" if models else None
 
 
-def run_step(step: str, step_args: list[str], workdir: Path, env: dict[str, str], log_name: str | None = None) -> StepRun:
+def run_step(step: str, step_args: list[str], workdir: Path, env: dict[str, str],
+             log_name: str | None = None) -> StepRun:
     """Run `python -m steps.<step>` measured; its run and logged model from the tracking store."""
     log_path = workdir / "logs" / f"{log_name or step}.log"
     print(f"\n== {step} {' '.join(step_args)}", flush=True)

@@ -41,7 +41,8 @@ CLIENTS = 8
 
 
 def prompts(n: int) -> list[list[dict]]:
-    return [[{"role": "user", "content": f"Client {k}: please explain how rivers carry sand to the sea and why deltas form."}] for k in range(n)]
+    return [[{"role": "user", "content": f"Client {k}: please explain how rivers carry sand to the sea and "
+                                         "why deltas form."}] for k in range(n)]
 
 
 class Raw:
@@ -59,7 +60,8 @@ class Raw:
         self.pad = int(config.get("pad_token_id", min(self.eos)))
 
     def ids(self, messages: list[dict]) -> list[int]:
-        return [int(i) for i in self.tokenizer.encode(self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))]
+        prompt = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        return [int(i) for i in self.tokenizer.encode(prompt)]
 
     def one(self, messages: list[dict], tokens: int) -> tuple[int, float]:
         """Exactly `tokens` greedy tokens; (tokens, seconds)."""
@@ -120,7 +122,8 @@ def served_many(clients: list, model_id: str, conversations: list[list[dict]], m
 
 
 def measured(tokens: int, seconds: float) -> dict:
-    return {"tokens": tokens, "seconds": round(seconds, 3), "tok_s": round(tokens / seconds, 2), "loadavg_1m": round(os.getloadavg()[0], 2)}
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tok_s": round(tokens / seconds, 2),
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
@@ -141,11 +144,14 @@ def main() -> None:
     tracking_uri, model_uri = log_model(built, args.workdir, "serve-openai")
     # The files the server loads: the logged model's copy of the ONNX folder (pyfunc artifacts/<name>).
     logged = mlflow.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
-    onnx_dir = Path(mlflow.artifacts.download_artifacts(f"{logged}/artifacts/{built.name}", dst_path=str(args.workdir / "logged")))
+    onnx_dir = Path(mlflow.artifacts.download_artifacts(f"{logged}/artifacts/{built.name}",
+                                                        dst_path=str(args.workdir / "logged")))
     # A long request timeout: on a loaded machine a batch of 8 can take longer than the default 60 s.
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT="900")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
+               MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT="900")
     with serving(openai_serve(model_uri), "/health", args.workdir / "serve.log", cwd=REPO, env=env) as server:
-        clients = [openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=600) for _ in range(CLIENTS)]
+        clients = [openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=600)
+                   for _ in range(CLIENTS)]
         model_id = clients[0].models.list().data[0].id
         raw = Raw(onnx_dir)
         conversations = prompts(CLIENTS)
@@ -158,7 +164,8 @@ def main() -> None:
             one_raw = measured(*raw.one(conversations[0], tokens))  # the same number of tokens
             many_raw = measured(*raw.batch(conversations, args.max_tokens))
             many_served = measured(*served_many(clients, model_id, conversations, args.max_tokens))
-            rounds.append({"one_client": {"served": one_served, "raw": one_raw}, "eight_clients": {"served": many_served, "raw_batch8": many_raw}})
+            rounds.append({"one_client": {"served": one_served, "raw": one_raw},
+                           "eight_clients": {"served": many_served, "raw_batch8": many_raw}})
             print(f"round {r + 1}: 1 client {one_served['tok_s']} vs raw {one_raw['tok_s']} tok/s; "
                   f"8 clients {many_served['tok_s']} vs raw batch-8 {many_raw['tok_s']} tok/s "
                   f"(load average {many_served['loadavg_1m']})", flush=True)
@@ -166,25 +173,34 @@ def main() -> None:
     def ratio(key: str, served: str, raw_key: str) -> float:
         return statistics.median(r[key][served]["tok_s"] / r[key][raw_key]["tok_s"] for r in rounds)
 
-    ratios = {"one_client": ratio("one_client", "served", "raw"), "eight_clients": ratio("eight_clients", "served", "raw_batch8")}
+    ratios = {"one_client": ratio("one_client", "served", "raw"),
+              "eight_clients": ratio("eight_clients", "served", "raw_batch8")}
     report = {
         "model": "tiny-int4" if args.model == "tiny" else f"phi3-mini-shaped-{args.num_layers}L-int4",
-        "max_tokens": args.max_tokens, "rounds": rounds, "ratios": {k: round(v, 3) for k, v in ratios.items()}, "goals": GOALS,
-        "nproc": os.cpu_count(), "session_options": json.loads((onnx_dir / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {}),
-        "note": "the 1-minute load average beside each number says how busy the machine was (2 CPUs: above 2, other work competed)",
+        "max_tokens": args.max_tokens, "rounds": rounds, "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "goals": GOALS, "nproc": os.cpu_count(),
+        "session_options": json.loads((onnx_dir / "genai_config.json").read_text())["model"]["decoder"]
+        .get("session_options", {}),
+        "note": "the 1-minute load average beside each number says how busy the machine was (2 CPUs: above 2, "
+                "other work competed)",
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "serve_openai.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["| round | 1 client served | raw | ratio | load | 8 clients served | raw batch-8 | ratio | load |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| round | 1 client served | raw | ratio | load | 8 clients served | raw batch-8 | ratio | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rounds, 1):
         one, many = r["one_client"], r["eight_clients"]
-        lines.append(f"| {i} | {one['served']['tok_s']} | {one['raw']['tok_s']} | {one['served']['tok_s'] / one['raw']['tok_s']:.2f}x | {one['served']['loadavg_1m']} "
-                     f"| {many['served']['tok_s']} | {many['raw_batch8']['tok_s']} | {many['served']['tok_s'] / many['raw_batch8']['tok_s']:.2f}x | {many['served']['loadavg_1m']} |")
+        lines.append(f"| {i} | {one['served']['tok_s']} | {one['raw']['tok_s']} | "
+                     f"{one['served']['tok_s'] / one['raw']['tok_s']:.2f}x | {one['served']['loadavg_1m']} "
+                     f"| {many['served']['tok_s']} | {many['raw_batch8']['tok_s']} | "
+                     f"{many['served']['tok_s'] / many['raw_batch8']['tok_s']:.2f}x | {many['served']['loadavg_1m']} |")
     summary = "\n".join(
-        f"- {key.replace('_', ' ')}: {value:.2f}x (median; goal >= {GOALS[key]}x: {'met' if value >= GOALS[key] else 'missed'})" for key, value in ratios.items()
+        f"- {key.replace('_', ' ')}: {value:.2f}x (median; goal >= {GOALS[key]}x: "
+        f"{'met' if value >= GOALS[key] else 'missed'})" for key, value in ratios.items()
     )
     (args.results_dir / "serve_openai.md").write_text(
-        f"# serve vs raw onnxruntime-genai ({report['model']}, greedy, max_tokens={args.max_tokens}, {os.cpu_count()} CPUs)\n\n"
+        f"# serve vs raw onnxruntime-genai ({report['model']}, greedy, max_tokens={args.max_tokens}, "
+        f"{os.cpu_count()} CPUs)\n\n"
         + "\n".join(lines) + f"\n\n{summary}\n\n{report['note']}.\n"
     )
     print("\n".join(lines) + "\n\n" + summary)

@@ -37,7 +37,8 @@ def load(url: str, clients: int, rounds: int, max_tokens: int) -> dict:
 
     def client(k: int) -> None:
         for i in range(rounds):
-            body = {"messages": [{"role": "user", "content": f"Client {k}, question {i}: tell me about the number {k * 1000 + i}."}],
+            body = {"messages": [{"role": "user",
+                                  "content": f"Client {k}, question {i}: tell me about the number {k * 1000 + i}."}],
                     "max_tokens": max_tokens}
             t0 = time.monotonic()
             response = requests.post(f"{url}/invocations", json=body, timeout=600)
@@ -84,7 +85,8 @@ def main() -> None:
             print(f"{clients:2d} clients: {s['requests']:4d} requests, {s['tokens']:6d} tokens, {rate:7.1f} tok/s, "
                   f"mean latency {s['latency'] / max(1, s['requests']):.2f} s, errors {s['errors']}", flush=True)
     base = rows[0][2]
-    print(f"\nmodel: {onnx_dir.name}, greedy, max_tokens={args.max_tokens}, {args.rounds} requests per client, {os.cpu_count()} CPUs")
+    print(f"\nmodel: {onnx_dir.name}, greedy, max_tokens={args.max_tokens}, {args.rounds} requests per client, "
+          f"{os.cpu_count()} CPUs")
     print("| clients | tokens/s | speed-up |\n|---|---|---|")
     for clients, _, rate in rows:
         print(f"| {clients} | {rate:.1f} | {rate / base:.2f}x |")

@@ -60,7 +60,8 @@ def run_steps(model_dir: Path, steps: list[str], args: argparse.Namespace, workd
             rows = (REPO / "data" / "eval_bundled.jsonl").read_text().splitlines()[: args.eval_rows]
             eval_file = workdir / "eval.jsonl"
             eval_file.write_text("\n".join(rows) + "\n")
-            step_args = ["--pipeline-run-id", done["log_pipeline"].run_id, "--onnx-run-id", done["log_onnx_wrapper"].run_id,
+            step_args = ["--pipeline-run-id", done["log_pipeline"].run_id, "--onnx-run-id",
+                         done["log_onnx_wrapper"].run_id,
                          "--eval-data", str(eval_file), "--max-tokens", str(args.eval_max_tokens)]
         done[step] = run_step(step, step_args, workdir, env, label + step)
     return done
@@ -94,7 +95,8 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=2, help="evaluate: rows of the bundled set")
     parser.add_argument("--eval-max-tokens", type=int, default=8, help="evaluate --max-tokens")
     parser.add_argument("--baseline-layers", type=int, default=None,
-                        help="also run the steps with this many layers and report each step's peak difference per weight byte")
+                        help="also run the steps with this many layers and report each step's peak difference "
+                             "per weight byte")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--tracking-uri", default=None, help="default sqlite:///<workdir>/mlflow.db")
     parser.add_argument("--experiment", default="step-memory")
@@ -134,10 +136,12 @@ def main() -> None:
     if baseline:
         for step, record in results.items():
             record["baseline_peak_bytes"] = peak(baseline["steps"][step])
-            record["marginal_ratio"] = (peak(record) - record["baseline_peak_bytes"]) / (weights - baseline["weight_bytes"])
+            record["marginal_ratio"] = ((peak(record) - record["baseline_peak_bytes"])
+                                        / (weights - baseline["weight_bytes"]))
 
     report = {
-        "machine": {"nproc": os.cpu_count(), "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
+        "machine": {"nproc": os.cpu_count(),
+                    "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
         "model": {"dir": str(model_dir), "num_layers": args.num_layers, "dtype": args.dtype,
                   "weight_bytes": weights, "build": built},
         "tracking_uri": tracking_uri,
@@ -153,13 +157,16 @@ def main() -> None:
 
     print(f"\nmachine: {report['machine']['nproc']} CPUs, {gb(report['machine']['mem_total_bytes'])} GB RAM; "
           f"model: {args.num_layers} layers {args.dtype}, weights {weights} bytes ({gb(weights)} GB)\n")
-    extra_head = f" peak at {args.baseline_layers} layers (GB) | peak difference / weight difference |" if baseline else ""
-    print(f"| step | peak RSS (GB) | peak tree RSS, sampled (GB) | peak / weights | peak anon RSS, sampled (GB) | wall (s) | <= 1.5x |{extra_head}")
+    extra_head = (f" peak at {args.baseline_layers} layers (GB) | peak difference / weight difference |"
+                  if baseline else "")
+    print("| step | peak RSS (GB) | peak tree RSS, sampled (GB) | peak / weights | peak anon RSS, sampled (GB) | wall "
+          f"(s) | <= 1.5x |{extra_head}")
     print("|---|---|---|---|---|---|---|" + ("---|---|" if baseline else ""))
     for step, r in results.items():
         ratio = peak(r) / weights
         ok = "yes" if ratio <= LIMIT else "**no**"
-        extra = f" (dtype={args.dtype})" if step == "log_pipeline" else (f" ({args.precision})" if step == "log_onnx_wrapper" else "")
+        extra = f" (dtype={args.dtype})" if step == "log_pipeline" else (f" ({args.precision})"
+                                                                         if step == "log_onnx_wrapper" else "")
         above = f" {gb(r['baseline_peak_bytes'])} | {r['marginal_ratio']:.2f} |" if baseline else ""
         print(f"| {step}{extra} | {gb(r['peak_rss_bytes'])} | {gb(r['sampled_peak_tree_rss_bytes'])} | {ratio:.2f} "
               f"| {gb(r['sampled_peak_tree_anon_bytes'])} | {r['wall_s']:.0f} | {ok} |{above}")

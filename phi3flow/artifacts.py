@@ -59,7 +59,8 @@ def download_fetched_model(fetch_run_id: str, cache_root: Path | None = None) ->
     run = finished_run(fetch_run_id)
     names = {f.path for f in client.list_artifacts(fetch_run_id)}
     if settings.MODEL_ARTIFACT_DIR not in names or settings.MANIFEST_FILE not in names:
-        raise UserError(f"run '{fetch_run_id}' has no {settings.MODEL_ARTIFACT_DIR}/ and {settings.MANIFEST_FILE}: is it a fetch_model run?")
+        raise UserError(f"run '{fetch_run_id}' has no {settings.MODEL_ARTIFACT_DIR}/ and {settings.MANIFEST_FILE}: is "
+                        "it a fetch_model run?")
     manifest = mlflow.artifacts.load_dict(f"runs:/{fetch_run_id}/{settings.MANIFEST_FILE}")
     path = cached_model_files(fetch_run_id, manifest, cache_root or settings.cache_dir())
     tags = run.data.tags
@@ -95,7 +96,8 @@ def cached_model_files(fetch_run_id: str, manifest: dict, cache_root: Path) -> P
         if entry.is_dir():
             problem = mismatch(entry, manifest)
             if not problem:
-                print(f"model files of run {fetch_run_id}: in the local cache ({entry}), verified, not downloaded", flush=True)
+                print(f"model files of run {fetch_run_id}: in the local cache ({entry}), verified, not downloaded",
+                      flush=True)
                 return entry
             print(f"the cached model files {entry} do not match the manifest ({problem}): "
                   "discarding them and downloading again", flush=True)
@@ -130,7 +132,8 @@ def download_entry(fetch_run_id: str, manifest: dict, entry: Path, cache_root: P
     staging.mkdir(parents=True, exist_ok=True)
     try:
         total = sum(int(item["bytes"]) for item in manifest.values())
-        print(f"downloading model files of run {fetch_run_id} ({total / 1e6:.1f} MB) into the local cache {entry.parent} ...", flush=True)
+        print(f"downloading model files of run {fetch_run_id} ({total / 1e6:.1f} MB) into the local cache "
+              f"{entry.parent} ...", flush=True)
         path = Path(mlflow.artifacts.download_artifacts(
             run_id=fetch_run_id, artifact_path=settings.MODEL_ARTIFACT_DIR, dst_path=str(staging / entry.name)))
         if problem := mismatch(path, manifest):
@@ -169,7 +172,8 @@ def mismatch(folder: Path, manifest: dict) -> str:
     missing = sorted(set(manifest) - set(found))
     extra = sorted(set(found) - set(manifest))
     # A file of another size cannot have the manifest's checksum: no need to hash anything.
-    changed = sorted(name for name in set(manifest) & set(found) if found[name].stat().st_size != int(manifest[name]["bytes"]))
+    changed = sorted(name for name in set(manifest) & set(found)
+                     if found[name].stat().st_size != int(manifest[name]["bytes"]))
     if not (missing or extra or changed):
         changed = sorted(name for name in manifest if sha256_of(found[name]) != manifest[name]["sha256"])
     if missing or extra or changed:

@@ -145,7 +145,8 @@ def prompt_params(row: dict[str, Any], default_max_tokens: int) -> tuple[str, di
         raise RowError("'prompt' is missing or empty")
     if not isinstance(prompt, str):
         raise RowError(f"'prompt' must be a string, got {type(prompt).__name__}")
-    params = {name: _number(row[name], name, kind) for name, kind in NUMBER_FIELDS.items() if not _absent(row.get(name))}
+    params = {name: _number(row[name], name, kind) for name, kind in NUMBER_FIELDS.items()
+              if not _absent(row.get(name))}
     params.setdefault("max_tokens", default_max_tokens)
     if params["max_tokens"] < 1:
         raise RowError(f"'max_tokens' must be at least 1, got {params['max_tokens']}")
@@ -157,7 +158,8 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, (RowError, MlflowException)) else text
 
 
-def score_row(model: Any, row: dict[str, Any], interface: str, default_max_tokens: int) -> tuple[str | None, str | None, int | None, str | None]:
+def score_row(model: Any, row: dict[str, Any], interface: str,
+              default_max_tokens: int) -> tuple[str | None, str | None, int | None, str | None]:
     """(answer, completion JSON, completion tokens, error) of one row; never raises for a bad row."""
     try:
         if LINE_COLUMN in row:
@@ -202,7 +204,8 @@ def _scorer(model_ref: str, distributed: bool, interface: str, default_max_token
             scored = [score_row(model, record, interface, default_max_tokens) for record in records]
             out = batch.drop(columns=[LINE_COLUMN], errors="ignore")
             for i, name in enumerate(OUTPUT_COLUMNS):
-                out[name] = pd.Series([s[i] for s in scored], index=batch.index, dtype="Int64" if name == "completion_tokens" else object)
+                out[name] = pd.Series([s[i] for s in scored], index=batch.index,
+                                      dtype="Int64" if name == "completion_tokens" else object)
             yield out
 
     return score
@@ -227,9 +230,11 @@ def _local_input(input_path: str, workdir: Path) -> Path:
 
 def input_format(path: Path) -> str:
     """.jsonl, .csv or .parquet: of the file, or of the files in a folder (a Spark or pandas dataset)."""
-    suffixes = {path.suffix} if path.is_file() else {p.suffix for p in path.iterdir() if p.is_file() and not p.name.startswith(("_", "."))}
+    suffixes = {path.suffix} if path.is_file() else {p.suffix for p in path.iterdir()
+                                                     if p.is_file() and not p.name.startswith(("_", "."))}
     if len(suffixes) != 1 or not suffixes <= set(FORMATS):
-        raise UserError(f"input_path must be a {', '.join(FORMATS)} file (or a folder of them), not '{path.name}' ({', '.join(sorted(suffixes)) or 'no files'})")
+        raise UserError(f"input_path must be a {', '.join(FORMATS)} file (or a folder of them), not '{path.name}' "
+                        f"({', '.join(sorted(suffixes)) or 'no files'})")
     return suffixes.pop()
 
 
@@ -250,7 +255,8 @@ def spark_session(master: str, app_name: str = "phi3flow-batch_score"):
     if master.startswith("local"):
         # Workers run this very interpreter; nothing listens beyond the loopback, no UI port to collide.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        builder = builder.config("spark.driver.bindAddress", "127.0.0.1").config("spark.driver.host", "127.0.0.1").config("spark.ui.enabled", "false")
+        builder = (builder.config("spark.driver.bindAddress", "127.0.0.1").config("spark.driver.host", "127.0.0.1")
+                   .config("spark.ui.enabled", "false"))
     # The step prints its own progress lines; Spark's console bar would interleave with them.
     builder = builder.config("spark.ui.showConsoleProgress", "false")
     try:
@@ -294,7 +300,8 @@ def _progress(spark, stop: threading.Event, total_tasks_hint: int) -> None:
             print(f"progress: {done}/{total} partitions scored", flush=True)
 
 
-def batch_score(model_uri: str, input_path: str, spark_master: str, max_tokens: int, workdir: Path, spark=None) -> BatchResult:
+def batch_score(model_uri: str, input_path: str, spark_master: str, max_tokens: int, workdir: Path,
+                spark=None) -> BatchResult:
     """Score every row of input_path with model_uri on Spark; the predictions go to workdir/predictions.
 
     spark: an open session to use (and leave open); by default one is started on spark_master and stopped.
@@ -311,7 +318,8 @@ def batch_score(model_uri: str, input_path: str, spark_master: str, max_tokens: 
         frame = read_input(spark, path, fmt)
         needed = PROMPT_FIELD if interface == "prompt" else "messages"
         if fmt != ".jsonl" and needed not in frame.columns:
-            raise UserError(f"input_path has no '{needed}' column (columns are {', '.join(frame.columns)}); the model's interface is {interface}")
+            raise UserError(f"input_path has no '{needed}' column (columns are {', '.join(frame.columns)}); the "
+                            f"model's interface is {interface}")
         if clash := sorted(set(frame.columns) & set(OUTPUT_COLUMNS)):
             raise UserError(f"input column(s) {', '.join(clash)} would be overwritten by the output; rename them")
         rows = frame.count()
@@ -331,12 +339,14 @@ def batch_score(model_uri: str, input_path: str, spark_master: str, max_tokens: 
         model_ref = model_dir.name if distributed else str(model_dir)
         loads = spark.sparkContext.accumulator(0)
 
-        output_schema = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in frame.schema.fields if f.name != LINE_COLUMN)
+        output_schema = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in frame.schema.fields
+                                  if f.name != LINE_COLUMN)
         output_schema = f"{output_schema}, {OUTPUT_SCHEMA}" if output_schema else OUTPUT_SCHEMA
         scored = frame.mapInPandas(_scorer(model_ref, distributed, interface, max_tokens, loads), schema=output_schema)
 
         output_dir = workdir / "predictions"
-        print(f"scoring {rows} rows ({interface} interface) in {partitions} partitions on {spark_master} ...", flush=True)
+        print(f"scoring {rows} rows ({interface} interface) in {partitions} partitions on {spark_master} ...",
+              flush=True)
         stop = threading.Event()
         progress = threading.Thread(target=_progress, args=(spark, stop, partitions), daemon=True)
         progress.start()
@@ -347,7 +357,8 @@ def batch_score(model_uri: str, input_path: str, spark_master: str, max_tokens: 
             stop.set()
             progress.join()
         seconds = time.monotonic() - start
-        print(f"progress: {partitions}/{partitions} partitions scored; the model was loaded {loads.value} time(s)", flush=True)
+        print(f"progress: {partitions}/{partitions} partitions scored; the model was loaded {loads.value} time(s)",
+              flush=True)
 
         from pyspark.sql import functions as F
 

@@ -170,7 +170,8 @@ class Chain:
         if found:
             print(f"{progress}: reusing FINISHED run {found} (same parameters, upstream runs and code)", flush=True)
             return self._record(StepRun(entry_point, found, True, params))
-        why = "force=true" if self.force else ("the project has uncommitted changes" if not reusable else "no matching FINISHED run")
+        why = "force=true" if self.force else ("the project has uncommitted changes" if not reusable
+                                               else "no matching FINISHED run")
         print(f"{progress}: running ({why}) with --env-manager {self.env_manager} ...", flush=True)
         try:
             submitted = mlflow.projects.run(
@@ -228,7 +229,8 @@ class Chain:
         return runs[0].info.run_id if runs else None
 
 
-def run_flow(flow: Chain, model_id: str, revision: str, precision: str, interface: str, eval_data: str, workdir: Path) -> None:
+def run_flow(flow: Chain, model_id: str, revision: str, precision: str, interface: str, eval_data: str,
+             workdir: Path) -> None:
     """fetch_model -> log_pipeline and log_onnx_wrapper -> evaluate, each reused when unchanged."""
     print(f"resolving {model_id} @ {revision} ...", flush=True)
     resolved = fetch.resolve_revision(model_id, revision, workdir)
@@ -243,6 +245,7 @@ def run_flow(flow: Chain, model_id: str, revision: str, precision: str, interfac
         pipeline_run_id = settings.NO_PIPELINE_RUN
     else:
         pipeline_run_id = flow.step("log_pipeline", {"fetch_run_id": fetched.run_id}).run_id
-    onnx = flow.step("log_onnx_wrapper", {"fetch_run_id": fetched.run_id, "precision": precision, "interface": interface})
+    onnx = flow.step("log_onnx_wrapper",
+                     {"fetch_run_id": fetched.run_id, "precision": precision, "interface": interface})
     flow.step("evaluate", {"pipeline_run_id": pipeline_run_id, "onnx_run_id": onnx.run_id, "eval_data": eval_data},
               inputs=file_inputs("eval_data", eval_data))

@@ -29,7 +29,8 @@ def auth_error_message(exc: MlflowException) -> str:
         return f"user '{user}' lacks a permission on the tracking server {server}: {detail}"
     if user:
         return f"the tracking server {server} refused the credentials of '{user}': {detail}"
-    return f"the tracking server {server} needs credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD ({detail})"
+    return (f"the tracking server {server} needs credentials: "
+            f"set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD ({detail})")
 
 
 def run_step(main: Callable[[], None]) -> None:
@@ -91,7 +92,8 @@ def outage_message(exc: BaseException | None) -> str | None:
     reason = re.search(r"\[Errno -?\d+\] ([^'\")]+)|(Read timed out)|(too many \d+ error responses)", detail)
     why = next(group for group in reason.groups() if group) if reason else " ".join(detail.split())[:200]
     retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "")
-    return (f"the tracking server {url.scheme}://{url.netloc} failed the call {url.path} after {retries} retries ({why}); "
+    return (f"the tracking server {url.scheme}://{url.netloc} failed the call {url.path} after {retries} "
+            f"retries ({why}); "
             f"MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT set how long a step waits")
 
 

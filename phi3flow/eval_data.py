@@ -111,11 +111,13 @@ def _read_table(path: Path) -> list[EvalRow]:
         raise UserError(f"{path.name}: cannot read it as {path.suffix[1:]} ({str(exc).splitlines()[0]})") from None
     missing = [field for field in FIELDS if field not in frame.columns]
     if missing:
-        raise UserError(f"{path.name}: missing column '{missing[0]}' (columns are {', '.join(map(str, frame.columns))})")
+        raise UserError(f"{path.name}: missing column '{missing[0]}' "
+                        f"(columns are {', '.join(map(str, frame.columns))})")
     # CSV: name the file line (the header is line 1); Parquet: the row number.
     where = "line {}" if path.suffix == ".csv" else "row {}"
     offset = 2 if path.suffix == ".csv" else 1
-    return [_row(record, f"{path.name} {where.format(i + offset)}") for i, record in enumerate(frame.to_dict(orient="records"))]
+    return [_row(record, f"{path.name} {where.format(i + offset)}")
+            for i, record in enumerate(frame.to_dict(orient="records"))]
 
 
 def load_eval_data(source: str, workdir: Path, max_rows: int = settings.EVAL_MAX_ROWS) -> EvalData:

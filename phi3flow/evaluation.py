@@ -139,7 +139,8 @@ AGREEMENT_SCORERS: list[Scorer] = [agreement_exact, agreement_token_overlap]
 
 def metric_names(scorers: list[Scorer]) -> list[str]:
     """The metrics mlflow.genai.evaluate logs for these scorers: '<scorer>/<aggregation>'."""
-    return [f"{s.name}/{a if isinstance(a, str) else a.__name__}" for s in scorers for a in (s.aggregations or ["mean"])]
+    return [f"{s.name}/{a if isinstance(a, str) else a.__name__}" for s in scorers
+            for a in (s.aggregations or ["mean"])]
 
 
 # ---- one model ---------------------------------------------------------------------------------
@@ -174,7 +175,8 @@ def evaluate_model(
     # top_k=1 below is ignored by a pipeline logged greedy (sampling=false), which answers greedily
     # anyway; and the flavor decodes with clean_up_tokenization_spaces=True, which transformers
     # rightly skips for a BPE tokenizer (the clean-up would remove spaces before punctuation).
-    output.drop_log_message("transformers.generation.configuration_utils", "The following generation flags are not valid and may be ignored: ['top_k']")
+    output.drop_log_message("transformers.generation.configuration_utils",
+                            "The following generation flags are not valid and may be ignored: ['top_k']")
     output.drop_log_message("transformers.tokenization_utils_tokenizers", "Ignoring clean_up_tokenization_spaces=True")
     answers: dict[str, str] = {}
     failures: list[str] = []
@@ -230,7 +232,8 @@ def evaluate_model(
         raise UserError(f"the {label} model failed to answer: {failures[0]}")
     missing = [name for name in metric_names(scorers) if name not in result.metrics]
     if missing:
-        raise RuntimeError(f"{label}: scorers produced no value for {', '.join(missing)}; see the traces of run {child.info.run_id}")
+        raise RuntimeError(f"{label}: scorers produced no value for {', '.join(missing)}; see the traces of run "
+                           f"{child.info.run_id}")
     ordered = [answers[json.dumps(row.messages)] for row in rows]
     return ModelScores(label, model_uri, child.info.run_id, dict(result.metrics), ordered)
 
@@ -258,7 +261,8 @@ class Progress:
         if now - self.last_print >= settings.EVAL_PROGRESS_EVERY_S and self.done < self.total:
             self.last_print = now
             left = (now - self.started) / self.done * (self.total - self.done)
-            print(f"[{self.label}] {self.done}/{self.total} prompts in {now - self.started:.0f} s, about {left:.0f} s left", flush=True)
+            print(f"[{self.label}] {self.done}/{self.total} prompts in {now - self.started:.0f} s, about "
+                  f"{left:.0f} s left", flush=True)
 
 
 # ---- the evaluate step: both models, the comparison, the champion -------------------------------
@@ -270,7 +274,8 @@ class Outcome:
 
 
 def _candidate(scores: ModelScores, version: ModelVersion) -> registry.Candidate:
-    return registry.Candidate(scores.label, version, scores.metrics[settings.QUALITY_METRIC], scores.metrics[settings.THROUGHPUT_METRIC])
+    return registry.Candidate(scores.label, version, scores.metrics[settings.QUALITY_METRIC],
+                              scores.metrics[settings.THROUGHPUT_METRIC])
 
 
 def evaluate_and_promote(
@@ -315,8 +320,11 @@ def evaluate_and_promote(
     if pipeline is None:
         print("no pipeline model (a prebuilt ONNX source): the ONNX model is evaluated alone", flush=True)
     else:
-        pipeline_scores = evaluate_model("pipeline", pipeline.uri, data.rows, max_tokens, logged_model_id=pipeline.model_id,
-                                         peer_answers=onnx_scores.answers, detail=pipeline.run.data.tags.get(settings.TAG_DTYPE) or pipeline.run.data.params.get("dtype", ""))
+        pipeline_scores = evaluate_model("pipeline", pipeline.uri, data.rows, max_tokens,
+                                         logged_model_id=pipeline.model_id,
+                                         peer_answers=onnx_scores.answers,
+                                         detail=pipeline.run.data.tags.get(settings.TAG_DTYPE)
+                                         or pipeline.run.data.params.get("dtype", ""))
         share_agreement(pipeline_scores, onnx_scores)
         scores.insert(0, pipeline_scores)
         registered.insert(0, (pipeline, pipeline_model_name))
@@ -330,7 +338,8 @@ def evaluate_and_promote(
     link_traces(scores, run.info.run_id)
     for version in versions:
         client.set_model_version_tag(version.name, version.version, settings.TAG_EVAL_RUN_ID, run.info.run_id)
-        client.set_model_version_tag(version.name, version.version, settings.TAG_COMPARED_CHAMPION, registry.ref_of(compared))
+        client.set_model_version_tag(version.name, version.version, settings.TAG_COMPARED_CHAMPION,
+                                     registry.ref_of(compared))
 
     log_comparison(scores, candidates, champion, decision, workdir)
     describe(run.info, scores, candidates, champion, decision, compared, data)
@@ -396,13 +405,15 @@ def link_traces(scores: list[ModelScores], run_id: str) -> None:
 
 
 def describe(run: mlflow.entities.RunInfo, scores: list[ModelScores], candidates: list[registry.Candidate],
-             champion: registry.Candidate | None, decision: registry.Decision, compared: ModelVersion | None, data: EvalData) -> None:
+             champion: registry.Candidate | None, decision: registry.Decision, compared: ModelVersion | None,
+             data: EvalData) -> None:
     """The descriptions the MLflow UI shows: the evaluate run's, and each registered version's."""
     children = {s.label: (mlflow.MlflowClient().get_run(s.run_id).info.run_name, s.run_id) for s in scores}
     note = report.evaluation_note(
         run.experiment_id, decision.action, decision.reason, decision.champion.ref, registry.ref_of(compared),
         [c.ref for c in candidates], _table(scores, candidates, champion),
-        {name: scores[0].metrics[name] for name in metric_names(AGREEMENT_SCORERS) if name in scores[0].metrics}, children,
+        {name: scores[0].metrics[name] for name in metric_names(AGREEMENT_SCORERS) if name in scores[0].metrics},
+        children,
         f"{len(data.rows)} prompts from `{data.source}` (sha256 {data.digest[:12]})",
     )
     mlflow.set_tag(report.NOTE_TAG, note)
@@ -410,7 +421,8 @@ def describe(run: mlflow.entities.RunInfo, scores: list[ModelScores], candidates
     for c, s in zip(candidates, scores, strict=False):  # scores may end with the re-measured champion's
         is_champion = registry.same_version(c.version, decision.champion.version)
         client.update_model_version(c.version.name, c.version.version, report.version_note(
-            run.experiment_id, run.run_id, run.run_name, s.metrics, is_champion, decision.reason, registry.ref_of(compared)))
+            run.experiment_id, run.run_id, run.run_name, s.metrics, is_champion, decision.reason,
+            registry.ref_of(compared)))
 
 
 def _table(scores: list[ModelScores], candidates: list[registry.Candidate], champion: registry.Candidate | None):
@@ -419,7 +431,8 @@ def _table(scores: list[ModelScores], candidates: list[registry.Candidate], cham
     if champion is not None:
         refs.setdefault("champion", champion.ref)
     return report.comparison_table([
-        {"model": s.label, "version": refs[s.label], **{name: s.metrics[name] for name in metric_names(QUALITY_SCORERS + COST_SCORERS)}}
+        {"model": s.label, "version": refs[s.label],
+         **{name: s.metrics[name] for name in metric_names(QUALITY_SCORERS + COST_SCORERS)}}
         for s in scores
     ])
 

@@ -133,7 +133,8 @@ def _genai_tokenizer_folder(folder: Path, config: dict, workdir: Path) -> Path:
     for path in folder.iterdir():
         if path.name.startswith(("tokenizer", "special_tokens", "added_tokens")) or path.suffix == ".jinja":
             (workdir / path.name).symlink_to(path.resolve())
-    minimal = {"model": {"type": config.get("model_type", "phi3"), "context_length": int(config.get("max_position_embeddings") or 4096)}}
+    minimal = {"model": {"type": config.get("model_type", "phi3"),
+                         "context_length": int(config.get("max_position_embeddings") or 4096)}}
     (workdir / "genai_config.json").write_text(json.dumps(minimal))
     return workdir
 
@@ -188,7 +189,8 @@ def _check_shapes_against_config(shapes: dict[str, tuple[str, list[int]]], confi
             raise UserError(f"{file}: {tensor} has shape {found}, config.json says {shape} (vocab_size, hidden_size)")
     found_layers = {int(m.group(1)) for t in shapes if (m := re.match(r"model\.layers\.(\d+)\.", t))}
     if found_layers != set(range(layers or 0)):
-        raise UserError(f"*.safetensors: the weights hold {len(found_layers)} layers, config.json says num_hidden_layers={layers}")
+        raise UserError(f"*.safetensors: the weights hold {len(found_layers)} layers, config.json says "
+                        f"num_hidden_layers={layers}")
 
 
 def resolve(model_id: str, revision: str, workdir: Path) -> Source:
@@ -221,7 +223,8 @@ def _local_source(model_id: str, revision: str, workdir: Path) -> Source | None:
     if model_id.startswith(("/", ".", "~")):
         raise UserError(f"local model folder '{model_id}' does not exist")
     if not _HUB_ID.match(model_id):
-        raise UserError(f"model_id '{model_id}' is neither an existing local folder, a Hub id (owner/name) nor '{settings.BUILTIN_TINY}'")
+        raise UserError(f"model_id '{model_id}' is neither an existing local folder, a Hub id (owner/name) nor "
+                        f"'{settings.BUILTIN_TINY}'")
     return None
 
 

@@ -35,7 +35,8 @@ def log_pipeline_model(
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     if (model_dir / "genai_config.json").is_file():
-        raise UserError("the fetched model is an onnxruntime-genai folder; log_pipeline needs a transformers checkpoint")
+        raise UserError("the fetched model is an onnxruntime-genai folder; "
+                        "log_pipeline needs a transformers checkpoint")
     # The files are local: without this transformers and MLflow ask the Hub for the model card and
     # retry for about 30 s when it is unreachable.
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -43,7 +44,8 @@ def log_pipeline_model(
     import transformers
 
     print(f"loading {model_id} as a text-generation pipeline ({dtype}) ...", flush=True)
-    pipe = transformers.pipeline("text-generation", model=str(model_dir), dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    pipe = transformers.pipeline("text-generation", model=str(model_dir),
+                                 dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     loaded = str(pipe.model.dtype).removeprefix("torch.")
     mlflow.set_tag(settings.TAG_DTYPE, loaded)  # what "auto" resolved to: the evaluation names the model by it
     if dtype == "auto":
@@ -72,6 +74,7 @@ def log_pipeline_model(
         input_example={"messages": [{"role": "user", "content": settings.SEED_QUESTION}]},
         validate_serving_input=False,
         # Explicit: inference would add torchvision (absent here) and load the model in a subprocess.
-        pip_requirements=settings.pinned("mlflow", "transformers", "tokenizers", "safetensors", "torch", "numpy", "pandas"),
+        pip_requirements=settings.pinned("mlflow", "transformers", "tokenizers", "safetensors", "torch", "numpy",
+                                         "pandas"),
         registered_model_name=registered_model_name,
     )

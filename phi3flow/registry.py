@@ -102,13 +102,15 @@ def decide(candidates: list[Candidate], champion: Candidate | None, tolerance: f
     q = settings.QUALITY_METRIC
     winner = max(candidates, key=lambda c: (c.quality, c.throughput))
     others = ", ".join(f"{c.ref} {q}={c.quality:.4f}" for c in candidates if c is not winner)
-    why = f"{winner.ref} wins with {q}={winner.quality:.4f}, {settings.THROUGHPUT_METRIC}={winner.throughput:.1f} ({f'vs {others}' if others else 'the only candidate'})"
+    why = (f"{winner.ref} wins with {q}={winner.quality:.4f}, {settings.THROUGHPUT_METRIC}={winner.throughput:.1f} "
+           f"({f'vs {others}' if others else 'the only candidate'})")
     if champion is None:
         return Decision("promoted", winner, f"{why}; there was no champion")
     if same_version(winner.version, champion.version):
         return Decision("unchanged", champion, f"{why}; it is already the champion")
     if winner.quality >= champion.quality - tolerance:
-        return Decision("promoted", winner, f"{why}; champion {champion.ref} has {q}={champion.quality:.4f}, within tolerance {tolerance}")
+        return Decision("promoted", winner,
+                        f"{why}; champion {champion.ref} has {q}={champion.quality:.4f}, within tolerance {tolerance}")
     return Decision(
         "rejected", champion,
         f"{why}; but it regresses against champion {champion.ref} ({q}={champion.quality:.4f}) by more than "

@@ -17,7 +17,8 @@ from phi3flow import settings  # noqa: E402
 NOTE_TAG = MLFLOW_RUN_NOTE  # a run's description in the MLflow UI (markdown)
 
 # The comparison in two narrow tables, so each fits MLflow's artifact viewer: column -> short header.
-QUALITY_COLUMNS = {"exact_match/mean": "exact_match", "contains_reference/mean": "contains_reference", "rouge_l/mean": "rouge_l"}
+QUALITY_COLUMNS = {"exact_match/mean": "exact_match", "contains_reference/mean": "contains_reference",
+                   "rouge_l/mean": "rouge_l"}
 SPEED_COLUMNS = {
     "completion_tokens/mean": "tokens mean", "completion_tokens/max": "tokens max",
     "latency_s/mean": "latency s mean", "latency_s/p50": "p50", "latency_s/p95": "p95",
@@ -103,7 +104,8 @@ def version_link(ref: str) -> str:
 
 
 def evaluation_note(experiment_id: str, action: str, reason: str, champion: str, compared: str, registered: list[str],
-                    table: pd.DataFrame, agreement: dict[str, float], children: dict[str, tuple[str, str]], data: str) -> str:
+                    table: pd.DataFrame, agreement: dict[str, float], children: dict[str, tuple[str, str]],
+                    data: str) -> str:
     """The evaluate run's description: verdict, reason, versions as links, key numbers, where the traces are."""
     key = table[["version", *KEY_COLUMNS]].rename(columns=KEY_COLUMNS)
     key["version"] = key["version"].map(version_link)
@@ -117,7 +119,8 @@ def evaluation_note(experiment_id: str, action: str, reason: str, champion: str,
         f"Registered or scored here: {', '.join(map(version_link, registered))}.",
         "",
         to_markdown(key),
-        (f"Agreement of the two models' greedy answers: identical on {number(agreement['agreement_exact/mean'])} of the "
+        ("Agreement of the two models' greedy answers: identical on "
+         f"{number(agreement['agreement_exact/mean'])} of the "
          f"prompts, token overlap (F1) {number(agreement['agreement_token_overlap/mean'])}." if agreement
          else "One model evaluated alone (a prebuilt ONNX source): no agreement to report."),
         "",

@@ -65,7 +65,8 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}}
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
 
 
 def _error_response(error: ApiError) -> JSONResponse:
@@ -150,7 +151,8 @@ def _names(model_uri: str) -> tuple[str, set[str], int]:
 def load_served(model_uri: str) -> Served:
     pyfunc = mlflow.pyfunc.load_model(model_uri)
     model_id, names, created = _names(model_uri)
-    common = {"model_uri": model_uri, "model_id": model_id, "names": frozenset(names), "created": created, "pyfunc": pyfunc}
+    common = {"model_uri": model_uri, "model_id": model_id, "names": frozenset(names), "created": created,
+              "pyfunc": pyfunc}
     if "transformers" in pyfunc.metadata.flavors:
         pipeline = pyfunc._model_impl.pipeline  # MLflow's transformers wrapper has no public accessor
         tokenizer = pipeline.tokenizer
@@ -182,14 +184,17 @@ def _number(body: dict[str, Any], name: str, kind: type, low: float, high: float
 def _content(message: dict[str, Any], i: int) -> str:
     """A message's text: a string, or OpenAI's list of text parts."""
     content = message.get("content")
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
-        raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, got {type(content).__name__}", "messages")
+        raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, got "
+                            f"{type(content).__name__}", "messages")
     try:
         content.encode("utf-8")
     except UnicodeEncodeError as error:  # a lone surrogate: valid in JSON, not in Unicode text
-        raise ApiError(400, f"messages[{i}].content is not valid Unicode: a lone surrogate at character {error.start}", "messages") from None
+        raise ApiError(400, f"messages[{i}].content is not valid Unicode: a lone surrogate at character {error.start}",
+                       "messages") from None
     return content
 
 
@@ -201,17 +206,20 @@ def _messages(value: Any, served: Served) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'", "messages")
         if extra := sorted(set(message) - {"role", "content"}):
-            raise ApiError(400, f"messages[{i}] has unsupported field(s) {', '.join(map(_shown, extra[:5]))}; a message takes role and content", "messages")
+            raise ApiError(400, f"messages[{i}] has unsupported field(s) {', '.join(map(_shown, extra[:5]))}; a "
+                                "message takes role and content", "messages")
         role = message.get("role")
         if role not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {_shown(role)}", "messages")
         content = _content(message, i)
         if marker := min((m for m in served.markers if m in content), key=content.index, default=None):
-            raise ApiError(400, f"messages[{i}].content holds {marker!r}, a control marker of this model that it cannot take as text", "messages")
+            raise ApiError(400, f"messages[{i}].content holds {marker!r}, a control marker of this model that it "
+                                "cannot take as text", "messages")
         messages.append({"role": role, "content": content})
     chars = sum(len(m["content"]) for m in messages)
     if chars > served.max_prompt_chars:
-        raise ApiError(400, f"the messages hold {chars} characters but the model's context is {served.context_length} tokens,"
+        raise ApiError(400, f"the messages hold {chars} characters but the model's context is "
+                            f"{served.context_length} tokens,"
                             f" at most {served.max_prompt_chars} characters", "messages")
     return messages
 
@@ -226,14 +234,17 @@ class ChatRequest:
 def chat_request(body: dict[str, Any], served: Served) -> ChatRequest:
     """OpenAI's chat request, checked field by field, as the model's llm/v1/chat input."""
     if unknown := sorted(set(body) - CHAT_FIELDS):
-        raise ApiError(400, f"unsupported field(s) {', '.join(map(_shown, unknown[:10]))}; this server takes {', '.join(sorted(CHAT_FIELDS))}", unknown[0])
+        raise ApiError(400, f"unsupported field(s) {', '.join(map(_shown, unknown[:10]))}; this server takes "
+                            f"{', '.join(sorted(CHAT_FIELDS))}", unknown[0])
     if "model" in body and body["model"] not in served.names:
-        raise ApiError(404, f"the model {_shown(body['model'])} does not exist; this server serves {served.model_id!r}", "model", "model_not_found")
+        raise ApiError(404, f"the model {_shown(body['model'])} does not exist; this server serves {served.model_id!r}",
+                       "model", "model_not_found")
     if not served.chat:
         raise ApiError(400, "this model takes prompts, not chat messages: send them to /invocations")
     given = {k: v for k, v in body.items() if v is not None}  # OpenAI's clients may send null for "not set"
     model_input: dict[str, Any] = {"messages": _messages(given.get("messages"), served)}
-    lengths = {name: _number(given, name, int, 1, served.context_length) for name in ("max_tokens", "max_completion_tokens") if name in given}
+    lengths = {name: _number(given, name, int, 1, served.context_length)
+               for name in ("max_tokens", "max_completion_tokens") if name in given}
     if len(set(lengths.values())) > 1:
         raise ApiError(400, "'max_tokens' and 'max_completion_tokens' differ; send one of them", "max_tokens")
     if lengths:
@@ -246,14 +257,17 @@ def chat_request(body: dict[str, Any], served: Served) -> ChatRequest:
             raise ApiError(400, "'top_p' must be above 0", "top_p")
     if "stop" in given:
         stop = [given["stop"]] if isinstance(given["stop"], str) else given["stop"]
-        if not (isinstance(stop, list) and 0 < len(stop) <= settings.SERVE_MAX_STOP and all(isinstance(s, str) and s for s in stop)):
-            raise ApiError(400, f"'stop' must be a non-empty string or a list of 1 to {settings.SERVE_MAX_STOP} of them", "stop")
+        if not (isinstance(stop, list) and 0 < len(stop) <= settings.SERVE_MAX_STOP
+                and all(isinstance(s, str) and s for s in stop)):
+            raise ApiError(400, "'stop' must be a non-empty string or a list of 1 to "
+                                f"{settings.SERVE_MAX_STOP} of them", "stop")
         model_input["stop"] = stop
     if "seed" in given:
         _number(given, "seed", int, -(2**63), 2**63 - 1)
         # Greedy answers do not depend on a seed; neither model can seed its sampler.
         if model_input.get("temperature", 0) > 0:
-            raise ApiError(400, "'seed' is not supported with sampling (temperature > 0): this model cannot seed its sampler", "seed")
+            raise ApiError(400, "'seed' is not supported with sampling (temperature > 0): this model cannot "
+                                "seed its sampler", "seed")
     if given.get("n", 1) != 1 or isinstance(given.get("n"), bool):
         raise ApiError(400, "only n=1 is supported", "n")
     if "user" in given and not isinstance(given["user"], str):
@@ -264,8 +278,10 @@ def chat_request(body: dict[str, Any], served: Served) -> ChatRequest:
     options = given.get("stream_options", {})
     if "stream_options" in given and not stream:
         raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
-    if not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
-        raise ApiError(400, "'stream_options' must be an object with one optional boolean, 'include_usage'", "stream_options")
+    if (not isinstance(options, dict) or set(options) - {"include_usage"}
+            or not isinstance(options.get("include_usage", False), bool)):
+        raise ApiError(400, "'stream_options' must be an object with one optional boolean, 'include_usage'",
+                       "stream_options")
     return ChatRequest(model_input, stream, options.get("include_usage", False))
 
 
@@ -274,12 +290,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     anything, and while reading (a chunked body declares no length)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is {int(declared)} bytes; this server takes at most {limit}", code="request_too_large")
+        raise ApiError(413, f"the request body is {int(declared)} bytes; this server takes at most {limit}",
+                       code="request_too_large")
     parts, size = [], 0
     async for part in request.stream():
         size += len(part)
         if size > limit:
-            raise ApiError(413, f"the request body is over {limit} bytes, the most this server takes", code="request_too_large")
+            raise ApiError(413, f"the request body is over {limit} bytes, the most this server takes",
+                           code="request_too_large")
         parts.append(part)
     return b"".join(parts)
 
@@ -290,13 +308,15 @@ def _refuse_constant(name: str) -> float:
 
 def parse_json(body: bytes, content_type: str) -> dict[str, Any]:
     if content_type.split(";")[0].strip().lower() != "application/json":
-        raise ApiError(415, f"the body must be JSON with Content-Type: application/json, got {_shown(content_type or None)}", code="unsupported_media_type")
+        raise ApiError(415, "the body must be JSON with Content-Type: application/json, got "
+                            f"{_shown(content_type or None)}", code="unsupported_media_type")
     try:
         parsed = json.loads(body, parse_constant=_refuse_constant)
     except UnicodeDecodeError:
         raise ApiError(400, "the body is not valid UTF-8") from None
     except json.JSONDecodeError as error:
-        raise ApiError(400, f"the body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+        raise ApiError(400,
+                       f"the body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
     except ValueError as error:
         raise ApiError(400, f"the body is not valid JSON: {error}") from None
     except RecursionError:
@@ -351,9 +371,11 @@ class Generation:
             yield item
 
 
-def _chunk(served: Served, chunk_id: str, created: int, delta: dict[str, str], finish_reason: str | None, **extra: Any) -> str:
+def _chunk(served: Served, chunk_id: str, created: int, delta: dict[str, str], finish_reason: str | None,
+           **extra: Any) -> str:
     choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason}] if delta or finish_reason else []
-    body = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": served.model_id, "choices": choices, **extra}
+    body = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": served.model_id,
+            "choices": choices, **extra}
     return f"data: {json.dumps(body)}\n\n"
 
 
@@ -420,7 +442,8 @@ def create_app(model_uri: str) -> FastAPI:
         if api_key is not None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-                raise ApiError(401, f"a valid API key is required: send it as 'Authorization: Bearer <key>' ({settings.SERVE_API_KEY_ENV} on the server)", code="invalid_api_key")
+                raise ApiError(401, "a valid API key is required: send it as 'Authorization: Bearer <key>' "
+                                    f"({settings.SERVE_API_KEY_ENV} on the server)", code="invalid_api_key")
         if "served" not in loaded:
             raise ApiError(503, "the model is still loading; retry shortly")
         return loaded["served"]
@@ -457,13 +480,15 @@ def create_app(model_uri: str) -> FastAPI:
     async def model(request: Request, model: str) -> JSONResponse:
         served = ready(request)
         if model not in served.names:
-            raise ApiError(404, f"the model {_shown(model)} does not exist; this server serves {served.model_id!r}", "model", "model_not_found")
+            raise ApiError(404, f"the model {_shown(model)} does not exist; this server serves {served.model_id!r}",
+                           "model", "model_not_found")
         return JSONResponse(model_card(served))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         served = ready(request)
-        chat = chat_request(parse_json(await read_body(request, max_body), request.headers.get("content-type", "")), served)
+        chat = chat_request(parse_json(await read_body(request, max_body), request.headers.get("content-type", "")),
+                            served)
         generation = Generation(served, chat.model_input)
         pieces = aiter(generation)
         deadline = asyncio.get_running_loop().time() + timeout
@@ -512,7 +537,8 @@ def create_app(model_uri: str) -> FastAPI:
         })
 
     async def _events(request: Request, served: Served, chat: ChatRequest, generation: Generation,
-                      pieces: AsyncIterator[Piece], first: Piece, deadline: float, chunk_id: str, created: int) -> AsyncIterator[str]:
+                      pieces: AsyncIterator[Piece], first: Piece, deadline: float, chunk_id: str,
+                      created: int) -> AsyncIterator[str]:
         """Server-sent events: chat.completion.chunk objects, then `data: [DONE]`. Starlette cancels
         this generator when the client disconnects; the finally clause then stops the generation."""
         usage_field = {"usage": None} if chat.include_usage else {}
@@ -553,10 +579,13 @@ def create_app(model_uri: str) -> FastAPI:
         body = await read_body(request, max_body)
         # JSON is parsed here, within this server's bounds (depth, constants); MLflow's parser
         # takes the parsed object as it is. CSV and Parquet go to MLflow as bytes.
-        data: bytes | dict = parse_json(body, content_type) if content_type.split(";")[0].strip().lower() == "application/json" else body
+        is_json = content_type.split(";")[0].strip().lower() == "application/json"
+        data: bytes | dict = parse_json(body, content_type) if is_json else body
         if not content_type:
-            raise ApiError(415, "a Content-Type is required: application/json, text/csv or application/vnd.apache.parquet", code="unsupported_media_type")
-        work = asyncio.to_thread(scoring_server.invocations, data, content_type, served.pyfunc, served.pyfunc.metadata.get_input_schema())
+            raise ApiError(415, "a Content-Type is required: application/json, text/csv or "
+                                "application/vnd.apache.parquet", code="unsupported_media_type")
+        work = asyncio.to_thread(scoring_server.invocations, data, content_type, served.pyfunc,
+                                 served.pyfunc.metadata.get_input_schema())
         try:
             result = await asyncio.wait_for(work, timeout)
         except TimeoutError:
@@ -565,9 +594,11 @@ def create_app(model_uri: str) -> FastAPI:
             problem = _model_error(error)
             # MLflow's clients read error_code and message at the top level: both shapes are given.
             code = error.error_code if isinstance(error, MlflowException) else "INTERNAL_ERROR"
-            return JSONResponse({**error_body(problem.status, problem.message), "error_code": code, "message": problem.message}, status_code=problem.status)
+            return JSONResponse({**error_body(problem.status, problem.message), "error_code": code,
+                                 "message": problem.message}, status_code=problem.status)
         if result.status != 200:
-            return _error_response(ApiError(result.status, result.response[:MAX_MESSAGE_CHARS], code="unsupported_media_type" if result.status == 415 else None))
+            return _error_response(ApiError(result.status, result.response[:MAX_MESSAGE_CHARS],
+                                            code="unsupported_media_type" if result.status == 415 else None))
         return Response(content=result.response, status_code=200, media_type=result.mimetype)
 
     return app
@@ -575,12 +606,14 @@ def create_app(model_uri: str) -> FastAPI:
 
 def _outcome(last: Piece) -> str:
     usage = last.usage or {}
-    return f"prompt_tokens={usage.get('prompt_tokens')} completion_tokens={usage.get('completion_tokens')} finish={last.finish_reason}"
+    return (f"prompt_tokens={usage.get('prompt_tokens')} completion_tokens={usage.get('completion_tokens')} "
+            f"finish={last.finish_reason}")
 
 
 def _timeout(seconds: float) -> ApiError:
     return ApiError(504, f"the answer did not finish within the request timeout of {seconds:g} s"
-                         f" ({MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name}): ask for fewer max_tokens or raise the timeout")
+                         f" ({MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name}): ask for fewer max_tokens or "
+                         "raise the timeout")
 
 
 def serve(model_uri: str, host: str, port: int) -> None:
@@ -604,4 +637,5 @@ def serve(model_uri: str, host: str, port: int) -> None:
     log.info("loading %s; serving on http://%s:%s", model_uri, host, port)
     server.run()
     if error := app.state.loaded.get("error"):
-        raise UserError(f"cannot load {model_uri}: {clean_message(error) if isinstance(error, MlflowException) else error}")
+        raise UserError(f"cannot load {model_uri}: "
+                        f"{clean_message(error) if isinstance(error, MlflowException) else error}")

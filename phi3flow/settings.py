@@ -95,7 +95,8 @@ SERVE_DEFAULT_PORT = 8000
 SERVE_API_KEY_ENV = "PHI3FLOW_API_KEY"  # when set, every /v1 and /invocations request needs it as a Bearer key
 SERVE_MAX_BODY_BYTES_ENV = "PHI3FLOW_MAX_BODY_BYTES"
 SERVE_MAX_BODY_BYTES = 1 << 20  # a request body above this is refused (413) before it is parsed
-# The request timeout (504) is MLflow's MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT (default 60 s), as for `mlflow models serve`.
+# The request timeout (504) is MLflow's MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT (default 60 s), as for
+# `mlflow models serve`.
 SERVE_SHUTDOWN_GRACE_S = 30  # after SIGTERM, in-flight requests get this long before they are cancelled
 SERVE_MAX_STOP = 4  # stop sequences per request, as OpenAI's API allows
 
@@ -163,10 +164,14 @@ PROGRESS_BARS_OFF = {
 
 
 # What the MLflow UI shows: run names, the default experiment, descriptions, the promotion's compare-and-set
-DEFAULT_EXPERIMENT_NAME = "phi3flow"  # where `mlflow run .` lands unless MLFLOW_EXPERIMENT_NAME/_ID or --experiment-name say otherwise
-TAG_MODEL_LABEL = "phi3.model"  # on a trace and an evaluation child run: which model answered ("onnx", "pipeline", "champion")
-TAG_MODEL_VERSION = "phi3.model_version"  # on a trace and an evaluation child run: the evaluated "<name>/<version>" or models:/ URI
-TAG_COMPARED_CHAMPION = "phi3.compared_champion"  # on an evaluate run and the versions it scored: the champion it measured against
+# where `mlflow run .` lands unless MLFLOW_EXPERIMENT_NAME/_ID or --experiment-name say otherwise
+DEFAULT_EXPERIMENT_NAME = "phi3flow"
+# on a trace and an evaluation child run: which model answered ("onnx", "pipeline", "champion")
+TAG_MODEL_LABEL = "phi3.model"
+# on a trace and an evaluation child run: the evaluated "<name>/<version>" or models:/ URI
+TAG_MODEL_VERSION = "phi3.model_version"
+# on an evaluate run and the versions it scored: the champion it measured against
+TAG_COMPARED_CHAMPION = "phi3.compared_champion"
 PROMOTION_ATTEMPTS = 3  # how often evaluate re-measures a champion that moved meanwhile before it gives up
 # Before deciding again, a random wait of up to this many seconds: two evaluations whose alias moves crossed
 # (each took the other's alias off) would otherwise retry in lockstep and cross again every time.

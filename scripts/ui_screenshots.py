@@ -62,14 +62,16 @@ def main() -> None:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": url,
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
-    env["MLFLOW_EXPERIMENT_NAME"] = settings.DEFAULT_EXPERIMENT_NAME  # the default of an installed project, said explicitly
+    # the default of an installed project, said explicitly
+    env["MLFLOW_EXPERIMENT_NAME"] = settings.DEFAULT_EXPERIMENT_NAME
     server = local_server.spawn([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
                                  "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
                                  "--port", str(port), "--workers", "1"], root / "server.log", cwd=root, env=env)
     try:
         local_server.wait_until_up(server, f"{url}/health", root / "server.log", 180)
         eval_file = root / "eval.jsonl"
-        eval_file.write_text("\n".join((PROJECT / settings.BUNDLED_EVAL_FILE).read_text().splitlines()[:EVAL_ROWS]) + "\n")
+        rows = (PROJECT / settings.BUNDLED_EVAL_FILE).read_text().splitlines()[:EVAL_ROWS]
+        eval_file.write_text("\n".join(rows) + "\n")
         print(f"running main on {settings.BUILTIN_TINY} against {url} ...", flush=True)
         subprocess.run([str(BIN / "mlflow"), "run", str(PROJECT), "-P", f"model_id={settings.BUILTIN_TINY}",
                         "-P", f"eval_data={eval_file}", "--env-manager", "local"],

@@ -21,10 +21,14 @@ from phi3flow.errors import run_step  # noqa: E402
 
 
 @click.command()
-@click.option("--model-uri", default=settings.BATCH_MODEL_URI, show_default=True, help="The model: models:/, runs:/ or a local folder.")
-@click.option("--input-path", required=True, help="A .jsonl, .csv or .parquet file (or folder of them): a local path or an artifact URI.")
-@click.option("--spark-master", default=settings.BATCH_SPARK_MASTER, show_default=True, help="local[N], spark://HOST:PORT, yarn, k8s://...")
-@click.option("--max-tokens", type=int, default=settings.BATCH_MAX_TOKENS, show_default=True, help="For rows that do not set max_tokens.")
+@click.option("--model-uri", default=settings.BATCH_MODEL_URI, show_default=True,
+              help="The model: models:/, runs:/ or a local folder.")
+@click.option("--input-path", required=True,
+              help="A .jsonl, .csv or .parquet file (or folder of them): a local path or an artifact URI.")
+@click.option("--spark-master", default=settings.BATCH_SPARK_MASTER, show_default=True,
+              help="local[N], spark://HOST:PORT, yarn, k8s://...")
+@click.option("--max-tokens", type=int, default=settings.BATCH_MAX_TOKENS, show_default=True,
+              help="For rows that do not set max_tokens.")
 def main(model_uri: str, input_path: str, spark_master: str, max_tokens: int) -> None:
     with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
         result = batch_score(model_uri, input_path, spark_master, max_tokens, Path(tmp))
@@ -40,7 +44,8 @@ def main(model_uri: str, input_path: str, spark_master: str, max_tokens: int) ->
         })
         print(f"batch_score run {run.info.run_id}: {result.rows} rows, {result.errors} errors, "
               f"{result.completion_tokens} completion tokens in {result.seconds:.1f} s "
-              f"({result.tokens_per_second:.1f} tokens/s); predictions in {run.info.artifact_uri}/{settings.BATCH_OUTPUT_DIR}", flush=True)
+              f"({result.tokens_per_second:.1f} tokens/s); predictions in "
+              f"{run.info.artifact_uri}/{settings.BATCH_OUTPUT_DIR}", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,17 @@ from phi3flow.threads import parse_threads
 
 
 @click.command()
-@click.option("--fetch-run-id", default="", help="Run ID of a fetch_model run; empty: the newest FINISHED one in the experiment.")
+@click.option("--fetch-run-id", default="",
+              help="Run ID of a fetch_model run; empty: the newest FINISHED one in the experiment.")
 @click.option("--precision", default="int4", show_default=True, help=f"One of {', '.join(PRECISIONS)}.")
-@click.option("--execution-provider", default="cpu", show_default=True, help=f"One of {', '.join(EXECUTION_PROVIDERS)}.")
+@click.option("--execution-provider", default="cpu", show_default=True,
+              help=f"One of {', '.join(EXECUTION_PROVIDERS)}.")
 @click.option("--interface", default="chat", show_default=True, help=f"One of {', '.join(onnx_model.INTERFACES)}.")
 @click.option("--registered-model-name", default="", help="Also register the model under this name.")
 @click.option("--threads", default=settings.ONNX_THREADS_AUTO, show_default=True,
               help="onnxruntime threads: 'auto' (the CPUs the loading process may run on) or a number.")
-def main(fetch_run_id: str, precision: str, execution_provider: str, interface: str, registered_model_name: str, threads: str) -> None:
+def main(fetch_run_id: str, precision: str, execution_provider: str, interface: str, registered_model_name: str,
+         threads: str) -> None:
     with mlflow.start_run(run_name="log_onnx_wrapper") as run, tempfile.TemporaryDirectory() as tmp:
         check_options(precision, execution_provider)
         onnx_model.check_interface(interface)

@@ -12,10 +12,14 @@ from phi3flow.pipeline_model import DTYPES, check_dtype, log_pipeline_model
 
 
 @click.command()
-@click.option("--fetch-run-id", default="", help="Run ID of a fetch_model run; empty: the newest FINISHED one in the experiment.")
-@click.option("--max-tokens", type=int, default=settings.DEFAULT_MAX_TOKENS, show_default=True, help="Default answer length (max_new_tokens).")
-@click.option("--sampling", type=bool, default=False, show_default=True, help="Sample by default (do_sample) instead of greedy decoding.")
-@click.option("--dtype", default="auto", show_default=True, help=f"One of {', '.join(DTYPES)}; auto: the checkpoint's own.")
+@click.option("--fetch-run-id", default="",
+              help="Run ID of a fetch_model run; empty: the newest FINISHED one in the experiment.")
+@click.option("--max-tokens", type=int, default=settings.DEFAULT_MAX_TOKENS, show_default=True,
+              help="Default answer length (max_new_tokens).")
+@click.option("--sampling", type=bool, default=False, show_default=True,
+              help="Sample by default (do_sample) instead of greedy decoding.")
+@click.option("--dtype", default="auto", show_default=True,
+              help=f"One of {', '.join(DTYPES)}; auto: the checkpoint's own.")
 @click.option("--registered-model-name", default="", help="Also register the model under this name.")
 def main(fetch_run_id: str, max_tokens: int, sampling: bool, dtype: str, registered_model_name: str) -> None:
     with mlflow.start_run(run_name="log_pipeline") as run:

@@ -19,11 +19,16 @@ from phi3flow.onnx_model import INTERFACES
               help=f"Hub id (owner/name[/subfolder]), a local folder, or {settings.BUILTIN_TINY}.")
 @click.option("--revision", default=settings.DEFAULT_REVISION, show_default=True, help="Hub branch, tag or commit.")
 @click.option("--precision", default="int4", show_default=True, help=f"ONNX precision: one of {', '.join(PRECISIONS)}.")
-@click.option("--interface", default="chat", show_default=True, help=f"ONNX pyfunc interface: one of {', '.join(INTERFACES)}; evaluate scores chat models, so main takes chat.")
-@click.option("--eval-data", default=settings.BUNDLED_EVAL_DATA, show_default=True, help="Evaluation set of the evaluate step.")
-@click.option("--force", type=bool, default=False, show_default=True, help="Rerun every step even when a finished run matches.")
+@click.option("--interface", default="chat", show_default=True,
+              help=f"ONNX pyfunc interface: one of {', '.join(INTERFACES)}; evaluate scores chat models, so "
+                   "main takes chat.")
+@click.option("--eval-data", default=settings.BUNDLED_EVAL_DATA, show_default=True,
+              help="Evaluation set of the evaluate step.")
+@click.option("--force", type=bool, default=False, show_default=True,
+              help="Rerun every step even when a finished run matches.")
 @click.option("--env-manager", default="", help="Env manager of the steps; empty: the one main was started with.")
-def main(model_id: str, revision: str, precision: str, interface: str, eval_data: str, force: bool, env_manager: str) -> None:
+def main(model_id: str, revision: str, precision: str, interface: str, eval_data: str, force: bool,
+         env_manager: str) -> None:
     # SIGTERM, and the end of the process that started main, interrupt it like Ctrl-C (run_step):
     # MLflow stops the running step and marks its run FAILED, and this run ends FAILED.
     with mlflow.start_run(run_name="main") as run, tempfile.TemporaryDirectory() as tmp:

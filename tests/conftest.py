@@ -52,9 +52,11 @@ def mlflow_run(entry_point: str, params: dict[str, str], tracking_uri: str, time
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=step_env(tracking_uri, **env), stdin=subprocess.DEVNULL, cwd=cwd)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=step_env(tracking_uri, **env),
+                          stdin=subprocess.DEVNULL, cwd=cwd)
     found = re.search(r"Run \(ID '([0-9a-f]+)'\)", proc.stderr)
-    return StepResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start, found.group(1) if found else None)
+    return StepResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start,
+                      found.group(1) if found else None)
 
 
 def assert_ok(result: StepResult) -> str:
@@ -92,7 +94,8 @@ def tracking_uri(tmp_path_factory) -> str:
     experiment_id = mlflow.create_experiment("tests", artifact_location=str(root / "artifacts"))
     mlflow.set_experiment(experiment_id=experiment_id)
     os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id  # for `mlflow run` and fresh processes
-    os.environ["PHI3FLOW_CACHE_DIR"] = str(root / "cache")  # the steps' cache of fetched files, in-process and in `mlflow run`
+    # the steps' cache of fetched files, in-process and in `mlflow run`
+    os.environ["PHI3FLOW_CACHE_DIR"] = str(root / "cache")
     return uri
 
 
@@ -136,7 +139,8 @@ def in_fresh_process(code: str, tracking_uri: str) -> object:
 @pytest.fixture(scope="session")
 def pipeline_run(fetch_run_id: str, tracking_uri: str) -> StepResult:
     # float32: the fp32 ONNX model answers token for token like it (the tiny checkpoint is bf16)
-    result = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id, "dtype": "float32", "registered_model_name": "phi3-pipeline-test"}, tracking_uri)
+    result = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id, "dtype": "float32",
+                                         "registered_model_name": "phi3-pipeline-test"}, tracking_uri)
     assert_ok(result)
     return result
 

@@ -105,7 +105,8 @@ def _postgres_bin(name: str) -> str:
     """A PostgreSQL server program: on PATH, or where Debian's packages put it."""
     found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
     if found is None:
-        pytest.fail(f"PostgreSQL is not installed ('{name}' is neither on PATH nor in /usr/lib/postgresql/*/bin); install it with: {POSTGRES_INSTALL}")
+        pytest.fail(f"PostgreSQL is not installed ('{name}' is neither on PATH nor in /usr/lib/postgresql/*/bin); "
+                    f"install it with: {POSTGRES_INSTALL}")
     return found
 
 
@@ -124,9 +125,10 @@ def postgres() -> Iterator[str]:
         subprocess.run([*as_owner, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
                        check=True, capture_output=True, timeout=120)
         options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        started = subprocess.run([*as_owner, pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start"],
-                                 capture_output=True, text=True, timeout=120)
-        assert started.returncode == 0, f"pg_ctl start failed:\n{started.stderr}\n{log.read_text(errors='replace')[-3000:] if log.exists() else ''}"
+        started = subprocess.run([*as_owner, pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60",
+                                  "start"], capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, (f"pg_ctl start failed:\n{started.stderr}\n"
+                                         f"{log.read_text(errors='replace')[-3000:] if log.exists() else ''}")
         try:
             conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
             conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
@@ -134,7 +136,8 @@ def postgres() -> Iterator[str]:
             conn.close()
             yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
         finally:
-            subprocess.run([*as_owner, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True, timeout=120)
+            subprocess.run([*as_owner, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True,
+                           timeout=120)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -258,7 +261,9 @@ class FakeHub:
                 if repo_id not in hub.repos:
                     return self._error(404, "RepoNotFound", "Repository not found")
                 if hub.repos[repo_id].gated:
-                    return self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it and be authenticated to access it. Please log in.")
+                    return self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have "
+                                                         "access to it and be authenticated to access "
+                                                         "it. Please log in.")
                 found = hub._files(repo_id, (api or resolve).group(3 if api else 2))
                 if found is None:
                     return self._error(404, "RevisionNotFound", "Invalid rev id")
@@ -276,7 +281,8 @@ class FakeHub:
             def _entry(path: str, content: bytes) -> dict:
                 entry = {"type": "file", "oid": hashlib.sha1(content).hexdigest(), "size": len(content), "path": path}
                 if path.endswith(_LFS_SUFFIXES):
-                    entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}
+                    entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content),
+                                    "pointerSize": 134}
                 return entry
 
             def _file(self, path: str, content: bytes, sha: str, send_body: bool) -> None:

@@ -59,7 +59,8 @@ def expected_answers(model_uri: str) -> dict[tuple[str, int], str]:
     answers = {}
     for question in QUESTIONS:
         for max_tokens in (2, DEFAULT_MAX_TOKENS):
-            completion = model.predict({"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens})[0]
+            completion = model.predict({"messages": [{"role": "user", "content": question}],
+                                        "max_tokens": max_tokens})[0]
             answers[(question, max_tokens)] = completion["choices"][0]["message"]["content"]
     return answers
 
@@ -100,7 +101,8 @@ def test_onnx_model_scores_jsonl_rows_and_marks_bad_ones(spark, onnx_fp32_run, t
     result = batch_score(model_uri, str(source), "local[2]", DEFAULT_MAX_TOKENS, tmp_path / "work", spark=spark)
     out = check_predictions(result, model_uri)
     # JSONL columns come back as Spark reads them
-    assert {"id", "messages", "max_tokens", "case", "answer", "completion", "completion_tokens", "error"} == set(out.columns)
+    assert {"id", "messages", "max_tokens", "case", "answer", "completion", "completion_tokens",
+            "error"} == set(out.columns)
 
 
 def test_pipeline_model_scores_parquet_rows_and_marks_bad_ones(spark, pipeline_run, tmp_path: Path):
@@ -108,13 +110,15 @@ def test_pipeline_model_scores_parquet_rows_and_marks_bad_ones(spark, pipeline_r
     frame = pd.DataFrame([{**row, "messages": json.dumps(row["messages"])} for row in all_rows()])
     frame.to_parquet(tmp_path / "requests.parquet")
     model_uri = model_uri_of(pipeline_run)
-    result = batch_score(model_uri, str(tmp_path / "requests.parquet"), "local[2]", DEFAULT_MAX_TOKENS, tmp_path / "work", spark=spark)
+    result = batch_score(model_uri, str(tmp_path / "requests.parquet"), "local[2]", DEFAULT_MAX_TOKENS,
+                         tmp_path / "work", spark=spark)
     check_predictions(result, model_uri)
 
 
 @pytest.mark.parametrize("file_name, content, model, message", [
     ("missing.jsonl", None, "onnx", "input_path '{tmp}/missing.jsonl' does not exist"),
-    ("requests.txt", "hi", "onnx", "input_path must be a .jsonl, .csv, .parquet file (or a folder of them), not 'requests.txt'"),
+    ("requests.txt", "hi", "onnx",
+     "input_path must be a .jsonl, .csv, .parquet file (or a folder of them), not 'requests.txt'"),
     ("requests.jsonl", "{}", "models:/no-such-model/1", "cannot find model 'models:/no-such-model/1'"),
 ])
 def test_bad_parameters_are_one_line_errors(file_name, content, model, message, onnx_fp32_run, tmp_path: Path):
@@ -127,10 +131,12 @@ def test_bad_parameters_are_one_line_errors(file_name, content, model, message, 
     assert "\n" not in str(raised.value)
 
 
-def test_mlflow_run_batch_score_logs_predictions_and_metrics(onnx_fp32_run, onnx_fp32_model, tracking_uri: str, tmp_path: Path):
+def test_mlflow_run_batch_score_logs_predictions_and_metrics(onnx_fp32_run, onnx_fp32_model, tracking_uri: str,
+                                                             tmp_path: Path):
     source = tmp_path / "requests.csv"
     pd.DataFrame([
-        {"id": 1, "messages": json.dumps([{"role": "user", "content": "What is the capital of Spain?"}]), "max_tokens": 4},
+        {"id": 1, "messages": json.dumps([{"role": "user", "content": "What is the capital of Spain?"}]),
+         "max_tokens": 4},
         {"id": 2, "messages": json.dumps([{"role": "user", "content": "Name a colour."}]), "max_tokens": ""},
         {"id": 3, "messages": "not json", "max_tokens": 4},
     ]).to_csv(source, index=False)
@@ -138,11 +144,13 @@ def test_mlflow_run_batch_score_logs_predictions_and_metrics(onnx_fp32_run, onnx
                                         "spark_master": "local[1]", "max_tokens": "5"}, tracking_uri, cwd=tmp_path)
     run_id = assert_ok(result)
     assert "progress: " in result.stdout
-    predictions = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions", dst_path=str(tmp_path / "out"))
+    predictions = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions",
+                                                      dst_path=str(tmp_path / "out"))
     out = pd.read_parquet(predictions).set_index("id")  # CSV cells are text, the ids too
     assert out.loc["3", "error"] == "'messages' is not valid JSON (Expecting value)"
     # the max_tokens parameter fills the empty cell
-    expected = onnx_fp32_model.predict({"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 5})[0]
+    expected = onnx_fp32_model.predict({"messages": [{"role": "user", "content": "Name a colour."}],
+                                        "max_tokens": 5})[0]
     assert out.loc["2", "answer"] == expected["choices"][0]["message"]["content"]
     metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
     assert (metrics["rows"], metrics["errors"]) == (3, 1)
@@ -151,7 +159,8 @@ def test_mlflow_run_batch_score_logs_predictions_and_metrics(onnx_fp32_run, onnx
 
 
 def test_mlflow_run_with_a_missing_input_fails_in_one_line(onnx_fp32_run, tracking_uri: str, tmp_path: Path):
-    result = mlflow_run("batch_score", {"model_uri": model_uri_of(onnx_fp32_run), "input_path": str(tmp_path / "none.csv")}, tracking_uri)
+    result = mlflow_run("batch_score", {"model_uri": model_uri_of(onnx_fp32_run),
+                                        "input_path": str(tmp_path / "none.csv")}, tracking_uri)
     assert_failed_with(result, f"input_path '{tmp_path / 'none.csv'}' does not exist")
 
 
@@ -162,8 +171,10 @@ def test_prompt_interface_model_scores_csv_prompts(spark, tiny_onnx_fp32: Path, 
         model_uri = log_onnx_model(tiny_onnx_fp32, "prompt", "tiny-prompt").model_uri
     prompts = [f"<|user|>Question {i}?<|end|><|assistant|>" for i in range(4)]
     pd.DataFrame([{"id": i, "prompt": p, "max_tokens": 2 + i % 2} for i, p in enumerate(prompts)]
-                 + [{"id": 8, "prompt": "", "max_tokens": 2}, {"id": 9, "prompt": prompts[0], "max_tokens": -2}]).to_csv(tmp_path / "prompts.csv", index=False)
-    result = batch_score(model_uri, str(tmp_path / "prompts.csv"), "local[2]", DEFAULT_MAX_TOKENS, tmp_path / "work", spark=spark)
+                 + [{"id": 8, "prompt": "", "max_tokens": 2}, {"id": 9, "prompt": prompts[0], "max_tokens": -2}]
+                 ).to_csv(tmp_path / "prompts.csv", index=False)
+    result = batch_score(model_uri, str(tmp_path / "prompts.csv"), "local[2]", DEFAULT_MAX_TOKENS, tmp_path / "work",
+                         spark=spark)
     out = pd.read_parquet(result.output_dir).set_index("id")  # CSV: text ids
     assert (result.rows, result.errors) == (6, 2)
     assert out.loc["8", "error"] == "'prompt' is missing or empty"

@@ -24,14 +24,16 @@ def _job(prompt_tokens: int = 10, decoding: Decoding = GREEDY, **options) -> Job
     return Job(list(range(1, prompt_tokens + 1)), replace(decoding, **options), deadline=None)
 
 
-def _choose(waiting: list[Job], max_size: int = 8, context_length: int = 100, max_batch_tokens: int = 1000) -> tuple[list[Job], list[Job]]:
+def _choose(waiting: list[Job], max_size: int = 8, context_length: int = 100,
+            max_batch_tokens: int = 1000) -> tuple[list[Job], list[Job]]:
     return choose_batch(waiting, max_size, context_length, max_batch_tokens)
 
 
 # ---- the policy, without a model ------------------------------------------------------------------
 
 def test_jobs_with_other_sampling_options_wait_for_a_batch_of_their_own():
-    greedy, sampled, greedy_too, sampled_too, hotter = _job(), _job(decoding=SAMPLED), _job(), _job(decoding=SAMPLED), _job(decoding=SAMPLED, temperature=0.9)
+    greedy, sampled, greedy_too, sampled_too = _job(), _job(decoding=SAMPLED), _job(), _job(decoding=SAMPLED)
+    hotter = _job(decoding=SAMPLED, temperature=0.9)
     batch, held_back = _choose([greedy, sampled, greedy_too, sampled_too, hotter])
     assert batch == [greedy, greedy_too]
     assert held_back == [sampled, sampled_too, hotter]
@@ -91,7 +93,8 @@ def tiny_genai(tiny_onnx_fp32: Path) -> tuple[og.Model, og.Tokenizer, dict]:
 def test_held_back_jobs_go_before_jobs_that_came_later(tiny_genai):
     model, tokenizer, genai = tiny_genai
     batcher = Batcher(model, tokenizer, genai, max_batch_size=8, max_batch_tokens=8192, gather_s=0.05, burst_s=0.01)
-    greedy, sampled, greedy_too, later = _job(max_tokens=3), _job(decoding=SAMPLED, max_tokens=3), _job(max_tokens=3), _job(max_tokens=3)
+    greedy, sampled = _job(max_tokens=3), _job(decoding=SAMPLED, max_tokens=3)
+    greedy_too, later = _job(max_tokens=3), _job(max_tokens=3)
     batches: list[list[Job]] = []
     generate = batcher._generate
 

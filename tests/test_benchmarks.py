@@ -73,7 +73,8 @@ def test_smoke_writes_json_markdown_and_png(smoke):
     for s in report["steps"].values():
         assert s["peak_rss_bytes"] > 50e6 and s["wall_s"] > 0
     goals = {g["goal"]: g for g in report["goals"]}
-    assert {"pyfunc_vs_raw", "served_vs_raw", "int4_vs_transformers", "raw_vs_bound", "log_pipeline_rss_vs_weights"} <= set(goals)
+    assert {"pyfunc_vs_raw", "served_vs_raw", "int4_vs_transformers", "raw_vs_bound",
+            "log_pipeline_rss_vs_weights"} <= set(goals)
     assert goals["raw_vs_bound"]["measured"] > 0
 
     table = (results / "benchmark.md").read_text()
@@ -119,5 +120,6 @@ def test_each_step_costs_at_most_1_5x_the_bytes_of_its_layers(step_memory):
     assert set(step_memory["steps"]) == set(MAIN_STEPS)
     for step in MAIN_STEPS:
         record, baseline = step_memory["steps"][step], step_memory["baseline"]["steps"][step]
-        assert record["baseline_peak_bytes"] == max(baseline["peak_rss_bytes"], baseline["sampled_peak_tree_rss_bytes"]) > 100e6
+        assert record["baseline_peak_bytes"] == max(baseline["peak_rss_bytes"],
+                                                    baseline["sampled_peak_tree_rss_bytes"]) > 100e6
         assert record["marginal_ratio"] <= step_memory["limit_ratio"] == 1.5, (step, record["marginal_ratio"])

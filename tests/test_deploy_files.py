@@ -109,11 +109,13 @@ def test_dockerfile_installs_the_pins_as_a_non_root_user_with_a_healthcheck():
             assert name.rstrip("/") not in ignored, name
 
 
-def test_generated_dockerfile_folder_loads_and_predicts_without_the_project(onnx_fp32_run, tracking_uri: str, tmp_path: Path):
+def test_generated_dockerfile_folder_loads_and_predicts_without_the_project(onnx_fp32_run, tracking_uri: str,
+                                                                            tmp_path: Path):
     model_uri = model_uri_of(onnx_fp32_run)
     generated = tmp_path / "generated"
     proc = subprocess.run([str(BIN / "mlflow"), "models", "generate-dockerfile", "-m", model_uri, "-d", str(generated)],
-                          capture_output=True, text=True, timeout=600, env=step_env(tracking_uri), stdin=subprocess.DEVNULL)
+                          capture_output=True, text=True, timeout=600, env=step_env(tracking_uri),
+                          stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "COPY model_dir /opt/ml/model" in (generated / "Dockerfile").read_text()
     # Move the folder (as a Docker build context would be) and load it with nothing of the project
@@ -133,10 +135,12 @@ def test_generated_dockerfile_folder_loads_and_predicts_without_the_project(onnx
         "sys.meta_path.insert(0, NoProject())\n"
         "import mlflow\n"
         f"model = mlflow.pyfunc.load_model({str(Path(moved) / 'model_dir')!r})\n"
-        "answer = model.predict({'messages': [{'role': 'user', 'content': 'What is the capital of Spain?'}], 'max_tokens': 4})[0]\n"
+        "answer = model.predict({'messages': [{'role': 'user', 'content': 'What is the capital of Spain?'}], "
+        "'max_tokens': 4})[0]\n"
         "print(json.dumps({'usage': answer['usage'], 'project_imported': 'phi3flow' in sys.modules}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd="/", stdin=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd="/",
+                          stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["usage"]["completion_tokens"] > 0

@@ -54,7 +54,8 @@ def _alias_holder(names: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def bundled(pipeline_run, onnx_fp32_run, tracking_uri):
     """One evaluate of the fp32 tiny models on the bundled set, default max_tokens and tolerance."""
-    result = mlflow_run("evaluate", {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id, **NAMES}, tracking_uri)
+    result = mlflow_run("evaluate", {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id,
+                                     **NAMES}, tracking_uri)
     assert_ok(result)
     return result
 
@@ -87,7 +88,8 @@ def test_every_metric_is_logged_and_sane(bundled, pipeline_run, onnx_fp32_run):
 def test_each_model_has_a_child_run_with_one_trace_per_row(bundled):
     run = mlflow.MlflowClient().get_run(bundled.run_id)
     children = mlflow.search_runs(
-        experiment_ids=[run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{bundled.run_id}'", output_format="list"
+        experiment_ids=[run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{bundled.run_id}'",
+        output_format="list"
     )
     # Named after the model and its precision (the fixtures log an fp32 ONNX model and a float32 pipeline).
     assert sorted(c.info.run_name for c in children) == ["onnx · fp32", "pipeline · float32"]
@@ -122,9 +124,11 @@ def test_comparison_table_and_chart_are_logged(bundled, tmp_path):
     markdown = mlflow.artifacts.load_text(f"{base}/comparison.md")
     tables = [line for line in markdown.splitlines() if line.startswith("| model |")]
     assert tables == ["| model | version | exact_match | contains_reference | rouge_l |",
-                      "| model | tokens mean | tokens max | latency s mean | p50 | p95 | tokens/s mean | tokens/s p50 |"]
+                      "| model | tokens mean | tokens max | latency s mean | p50 | p95 | tokens/s mean "
+                      "| tokens/s p50 |"]
     numbers = re.findall(r"\d+\.\d+(?:e-?\d+)?", markdown)
-    assert numbers and all(len(n.split("e")[0].replace(".", "").lstrip("0")) <= settings.COMPARISON_DIGITS for n in numbers)
+    assert numbers and all(len(n.split("e")[0].replace(".", "").lstrip("0")) <= settings.COMPARISON_DIGITS
+                           for n in numbers)
     for chart in ("speed.png", "quality.png"):
         png = Path(mlflow.artifacts.download_artifacts(f"{base}/{chart}", dst_path=str(tmp_path)))
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -155,7 +159,8 @@ def test_first_evaluation_registers_both_and_crowns_one(bundled):
     # The evaluate run's description: verdict, reason, versions and child runs as links, rounded numbers.
     note = tags["mlflow.note.content"]
     champion_name, _, champion_version = champion.rpartition("/")
-    assert note.startswith(f"### Champion: [{champion}](#/models/{champion_name}/versions/{champion_version}) (promoted)")
+    assert note.startswith("### Champion: "
+                           f"[{champion}](#/models/{champion_name}/versions/{champion_version}) (promoted)")
     assert tags[settings.TAG_CHAMPION_REASON] in note
     assert tags[settings.TAG_COMPARED_CHAMPION] == "none"
     for name in NAMES.values():
@@ -172,13 +177,16 @@ OWN_ANSWERS_MAX_TOKENS = 16
 @pytest.fixture(scope="module")
 def own_answers(onnx_fp32_model, tmp_path_factory) -> str:
     """References that are the fp32 models' own greedy answers, so the fp32 models score 1.0 on them."""
-    prompts = [json.loads(line)["prompt"] for line in (PROJECT_ROOT / settings.BUNDLED_EVAL_FILE).read_text().splitlines()[:10]]
+    prompts = [json.loads(line)["prompt"]
+               for line in (PROJECT_ROOT / settings.BUNDLED_EVAL_FILE).read_text().splitlines()[:10]]
     references = [
-        onnx_fp32_model.predict({"messages": [{"role": "user", "content": p}], "max_tokens": OWN_ANSWERS_MAX_TOKENS})[0]["choices"][0]["message"]["content"]
+        onnx_fp32_model.predict({"messages": [{"role": "user", "content": p}],
+                                 "max_tokens": OWN_ANSWERS_MAX_TOKENS})[0]["choices"][0]["message"]["content"]
         for p in prompts
     ]
     data = tmp_path_factory.mktemp("own") / "own_answers.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in zip(prompts, references, strict=True)))
+    data.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n"
+                            for p, r in zip(prompts, references, strict=True)))
     return str(data)
 
 
@@ -186,15 +194,18 @@ def own_answers(onnx_fp32_model, tmp_path_factory) -> str:
 def challengers(fetch_run_id, tracking_uri) -> dict[str, str]:
     """A bfloat16 pipeline and an int4 ONNX model: they really answer differently from the fp32 ones.
     The pipeline samples by default: evaluation must still decode it greedily."""
-    bf16 = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id, "dtype": "bfloat16", "sampling": "true"}, tracking_uri)
+    bf16 = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id, "dtype": "bfloat16", "sampling": "true"},
+                      tracking_uri)
     int4 = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id}, tracking_uri)
     return {"pipeline_run_id": assert_ok(bf16), "onnx_run_id": assert_ok(int4)}
 
 
-def test_worse_challengers_do_not_move_the_champion(own_answers, challengers, pipeline_run, onnx_fp32_run, tracking_uri):
+def test_worse_challengers_do_not_move_the_champion(own_answers, challengers, pipeline_run, onnx_fp32_run,
+                                                    tracking_uri):
     names = {"pipeline_model_name": "gate-pipeline", "onnx_model_name": "gate-onnx"}
     common = {"eval_data": own_answers, "max_tokens": str(OWN_ANSWERS_MAX_TOKENS), **names}
-    first = mlflow_run("evaluate", {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id, **common}, tracking_uri)
+    first = mlflow_run("evaluate", {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id,
+                                    **common}, tracking_uri)
     assert_ok(first)
     client = mlflow.MlflowClient()
     first_run = client.get_run(first.run_id)
@@ -252,7 +263,8 @@ def test_promotion_is_a_compare_and_set(server, tracking_uri):
         mlflow.set_tracking_uri(tracking_uri)
 
 
-def test_racing_evaluations_compare_the_champion_against_its_predecessor(server, own_answers, challengers, pipeline_run, onnx_fp32_run, tracking_uri):
+def test_racing_evaluations_compare_the_champion_against_its_predecessor(server, own_answers, challengers, pipeline_run,
+                                                                         onnx_fp32_run, tracking_uri):
     """Two evaluations of different models started together on one `mlflow server`, no lock between them:
     the one that promotes second finds the alias moved, measures the new champion, and decides against it.
     (When their alias moves cross, both find it moved and retry after a random wait: one still goes first.)"""
@@ -260,14 +272,16 @@ def test_racing_evaluations_compare_the_champion_against_its_predecessor(server,
     common = {"eval_data": own_answers, "max_tokens": str(OWN_ANSWERS_MAX_TOKENS), **names}
     pairs = [{"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id}, challengers]
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda pair: mlflow_run("evaluate", {**pair, **common}, server.url, timeout=600), pairs))
+        results = list(pool.map(lambda pair: mlflow_run("evaluate", {**pair, **common}, server.url, timeout=600),
+                                pairs))
     tags = {assert_ok(r): mlflow.MlflowClient().get_run(r.run_id).data.tags for r in results}
     [first] = [run_id for run_id, t in tags.items() if t[settings.TAG_COMPARED_CHAMPION] == "none"]
     [second] = [run_id for run_id in tags if run_id != first]
     first_champion = tags[first][settings.TAG_CHAMPION]
     assert tags[second][settings.TAG_COMPARED_CHAMPION] == first_champion
     [late] = [r for r in results if r.run_id == second]
-    assert re.search(rf"the champion moved from \S+ to \S+ while this evaluation ran: measuring {re.escape(first_champion)} and deciding again", late.stdout)
+    assert re.search(r"the champion moved from \S+ to \S+ while this evaluation ran: measuring "
+                     rf"{re.escape(first_champion)} and deciding again", late.stdout)
     assert _alias_holder(list(names.values())) == [tags[second][settings.TAG_CHAMPION]]
 
 
@@ -302,7 +316,8 @@ def _write(tmp_path: Path, name: str, text: str) -> str:
 
 
 def test_user_files_in_every_format_and_by_artifact_uri(tmp_path):
-    rows = [{"prompt": "What is 2 plus 2?", "reference": "4"}, {"prompt": "Capital of Peru?", "reference": "Lima", "system": "Be brief."}]
+    rows = [{"prompt": "What is 2 plus 2?", "reference": "4"},
+            {"prompt": "Capital of Peru?", "reference": "Lima", "system": "Be brief."}]
     jsonl = _write(tmp_path, "set.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     csv = tmp_path / "set.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
@@ -313,7 +328,8 @@ def test_user_files_in_every_format_and_by_artifact_uri(tmp_path):
     loaded = [load_eval_data(str(source), tmp_path / f"dl{i}").rows
               for i, source in enumerate([jsonl, csv, parquet, f"runs:/{holder.info.run_id}/data/set.parquet"])]
     assert all(rows_ == loaded[0] for rows_ in loaded)
-    assert loaded[0][1].messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"}]
+    assert loaded[0][1].messages == [{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "Capital of Peru?"}]
     assert loaded[0][0].messages == [{"role": "user", "content": "What is 2 plus 2?"}]
     assert len(load_eval_data("bundled", tmp_path).rows) == BUNDLED_ROWS
 
@@ -321,8 +337,10 @@ def test_user_files_in_every_format_and_by_artifact_uri(tmp_path):
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("bad.jsonl", '{"prompt": "a", "reference": "b"}\n{"prompt": "c", "reference": "d"}\n{"prompt": "e", \n', "bad.jsonl line 3: not valid JSON"),
-        ("bad.jsonl", '{"prompt": "a", "reference": "b"}\n{"prompt": "c"}\n', "bad.jsonl line 2: 'reference' is missing or empty"),
+        ("bad.jsonl", '{"prompt": "a", "reference": "b"}\n{"prompt": "c", "reference": "d"}\n{"prompt": "e", \n',
+         "bad.jsonl line 3: not valid JSON"),
+        ("bad.jsonl", '{"prompt": "a", "reference": "b"}\n{"prompt": "c"}\n',
+         "bad.jsonl line 2: 'reference' is missing or empty"),
         ("bad.jsonl", '["a", "b"]\n', "bad.jsonl line 1: expected an object"),
         ("bad.csv", "prompt,answer\nq,a\n", "bad.csv: missing column 'reference' (columns are prompt, answer)"),
         ("bad.csv", "prompt,reference\nq,a\n,b\n", "bad.csv line 3: 'prompt' is missing or empty"),
@@ -341,7 +359,8 @@ def test_malformed_files_name_the_line_or_column(tmp_path, name, text, message):
         # Latin-1 (not UTF-8) on line 2: the byte of "é"
         ("latin1.jsonl", '{"prompt": "a", "reference": "b"}\n{"prompt": "café?", "reference": "d"}\n'.encode("latin-1"),
          "latin1.jsonl line 2: not UTF-8 text (byte 0xe9 at column 16); save the file as UTF-8"),
-        ("utf16.jsonl", '{"prompt": "a", "reference": "b"}\n'.encode("utf-16"), "utf16.jsonl line 1: not UTF-8 text (byte 0xff at column 1)"),
+        ("utf16.jsonl", '{"prompt": "a", "reference": "b"}\n'.encode("utf-16"),
+         "utf16.jsonl line 1: not UTF-8 text (byte 0xff at column 1)"),
         ("junk.jsonl", bytes(range(256)) * 4, "junk.jsonl line 1: not valid JSON"),
         ("junk.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00", "junk.jsonl line 1: not UTF-8 text (byte 0x89 at column 1)"),
         ("deep.jsonl", b"[" * 100_000, "deep.jsonl line 1: not valid JSON"),
@@ -359,7 +378,8 @@ def test_every_bad_file_gets_one_line(tmp_path, name, data, message):
 
 def test_max_rows_bounds_the_set(tmp_path):
     assert len(load_eval_data("bundled", tmp_path, max_rows=BUNDLED_ROWS).rows) == BUNDLED_ROWS
-    with pytest.raises(UserError, match=re.escape(f"eval_data 'bundled' holds {BUNDLED_ROWS} rows, more than max_rows=3: "
+    with pytest.raises(UserError,
+                       match=re.escape(f"eval_data 'bundled' holds {BUNDLED_ROWS} rows, more than max_rows=3: "
                                                   "evaluate a sample of it, or raise max_rows")):
         load_eval_data("bundled", tmp_path, max_rows=3)
     with pytest.raises(UserError, match="max_rows must be at least 1, not 0"):
@@ -384,7 +404,8 @@ def test_missing_file_is_refused(tmp_path):
 
 def test_bad_step_input_fails_with_one_line(pipeline_run, onnx_fp32_run, tracking_uri, tmp_path):
     eval_data = _write(tmp_path, "set.jsonl", '{"prompt": "a", "reference": "b"}\n{"prompt": 3, "reference": "d"}\n')
-    params = {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id, "eval_data": eval_data, **BAD_INPUT_NAMES}
+    params = {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id, "eval_data": eval_data,
+              **BAD_INPUT_NAMES}
     result = mlflow_run("evaluate", params, tracking_uri, timeout=300)
     assert_failed_with(result, "set.jsonl line 2: 'prompt' must be a string, got int")
 

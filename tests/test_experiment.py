@@ -17,8 +17,10 @@ def test_mlflow_run_with_no_experiment_lands_in_phi3flow_and_is_named(tmp_path):
     # changing them, `pip install -e .` again.
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {k: v for k, v in step_env(uri).items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
-    cmd = [str(BIN / "mlflow"), "run", str(REPO), "-e", "fetch_model", "-P", "model_id=builtin:tiny-phi3", "--env-manager", "local"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    cmd = [str(BIN / "mlflow"), "run", str(REPO), "-e", "fetch_model", "-P", "model_id=builtin:tiny-phi3",
+           "--env-manager", "local"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+                          stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(settings.DEFAULT_EXPERIMENT_NAME)

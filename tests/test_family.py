@@ -47,7 +47,8 @@ class Member:
         low, high = 1, tokens  # every word is at least one token
         while low < high:  # bisect on the number of words
             middle = (low + high + 1) // 2
-            low, high = (middle, high) if len(self.pipeline.tokenizer.encode(text(middle))) <= tokens else (low, middle - 1)
+            fits = len(self.pipeline.tokenizer.encode(text(middle))) <= tokens
+            low, high = (middle, high) if fits else (low, middle - 1)
         return text(low), len(self.pipeline.tokenizer.encode(text(low)))
 
     def expected(self, prompt: str, max_tokens: int) -> tuple[str, int]:
@@ -107,7 +108,8 @@ def test_member_has_its_real_config(member):
     config = member.config
     assert config["architectures"] == ["Phi3ForCausalLM"] and config["torch_dtype"] == "bfloat16"
     if member.name in ("tiny-phi3", "tiny-phi3-medium"):
-        assert (config["sliding_window"], config["max_position_embeddings"], config["rope_scaling"]) == (2047, 4096, None)
+        assert (config["sliding_window"], config["max_position_embeddings"],
+                config["rope_scaling"]) == (2047, 4096, None)
     else:
         assert config["rope_scaling"]["type"] == "longrope"
         assert (config["original_max_position_embeddings"], config["max_position_embeddings"]) == (64, 512)
@@ -158,6 +160,7 @@ def test_int4_answers_the_same_requests(member):
 
 def test_prompt_past_the_context_is_refused_with_the_limit(member):
     prompt, length = member.prompt(member.config["max_position_embeddings"] + 10)
-    with pytest.raises(MlflowException, match=f"the model's context is {member.config['max_position_embeddings']} tokens") as error:
+    with pytest.raises(MlflowException,
+                       match=f"the model's context is {member.config['max_position_embeddings']} tokens") as error:
         member.fp32.predict({"prompt": prompt}, params={"max_tokens": 4})
     assert error.value.error_code == "INVALID_PARAMETER_VALUE"

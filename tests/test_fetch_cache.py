@@ -70,7 +70,8 @@ def test_a_second_step_uses_the_cached_files_without_downloading_them(fetch_run_
     cache = tmp_path / "cache"
     entry = download_fetched_model(fetch_run_id, cache).path  # the first use on this machine downloads
     before = identity(entry)
-    result = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id}, tracking_uri, timeout=600, PHI3FLOW_CACHE_DIR=str(cache))
+    result = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id}, tracking_uri, timeout=600,
+                        PHI3FLOW_CACHE_DIR=str(cache))
     run = mlflow.MlflowClient().get_run(assert_ok(result))
     assert f"model files of run {fetch_run_id}: in the local cache ({entry}), verified, not downloaded" in result.stdout
     assert "downloading model files" not in result.stdout
@@ -127,7 +128,8 @@ def test_a_step_on_a_tampered_entry_downloads_again_and_logs_the_right_model(fet
     result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "precision": "fp32"}, tracking_uri,
                         timeout=600, PHI3FLOW_CACHE_DIR=str(cache))
     assert_ok(result)
-    assert "do not match the manifest (missing=[] unexpected=[] checksum mismatch=['model.safetensors'])" in result.stdout
+    assert ("do not match the manifest (missing=[] unexpected=[] checksum mismatch=['model.safetensors'])"
+            in result.stdout)
     assert f"downloading model files of run {fetch_run_id}" in result.stdout
     assert manifest_of(entry) == manifest(fetch_run_id)
     # The logged ONNX model holds the fetched embedding, not the tampered one (fp32: the same values).
@@ -144,7 +146,8 @@ def test_a_step_on_a_tampered_entry_downloads_again_and_logs_the_right_model(fet
 
 def test_a_download_that_does_not_match_or_was_killed_never_becomes_an_entry(fetch_run_id, tmp_path):
     cache = tmp_path / "cache"
-    src = shutil.copytree(download_fetched_model(fetch_run_id, tmp_path / "c").path, tmp_path / "files", copy_function=shutil.copyfile)
+    src = shutil.copytree(download_fetched_model(fetch_run_id, tmp_path / "c").path, tmp_path / "files",
+                          copy_function=shutil.copyfile)
     _flip_byte(src / "model.safetensors")
     with mlflow.start_run() as tampered:  # stored files that no longer match the run's manifest
         mlflow.log_artifacts(str(src), settings.MODEL_ARTIFACT_DIR)
@@ -167,7 +170,8 @@ def test_concurrent_steps_download_once(fetch_run_id, tracking_uri, tmp_path):
     code = ("from pathlib import Path; from phi3flow.artifacts import download_fetched_model; "
             f"print('entry', download_fetched_model({fetch_run_id!r}, Path({str(cache)!r})).path)")
     env = step_env(tracking_uri, HF_HUB_OFFLINE="1")
-    processes = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    processes = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True,
                                   env=env, cwd=REPO) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs
@@ -187,7 +191,8 @@ def test_a_prebuilt_onnx_folder_is_logged_from_a_working_copy_that_leaves_the_en
     assert not converted and folder.is_relative_to(tmp_path / "work")
     write_session_options(folder, {"intra_op_num_threads": 2})  # what logging writes into the folder
     assert identity(entry) == before
-    assert json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 2
+    genai_config = json.loads((folder / "genai_config.json").read_text())
+    assert genai_config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 2
     assert manifest_of(entry) == manifest_of(tiny_onnx_fp32)
     big = max(entry.rglob("*.onnx.data"), key=lambda p: p.stat().st_size)
     assert (folder / big.name).stat().st_ino == big.stat().st_ino  # shared, not copied

@@ -58,7 +58,8 @@ def test_downloaded_tiny_model_is_phi3_and_generates(fetch_run_id, tmp_path):
     assert set(cfg.eos_token_id) == {tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|end|>")}
     for special in ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]:
         assert len(tok.encode(special, add_special_tokens=False)) == 1, special
-    prompt = tok.apply_chat_template([{"role": "user", "content": settings.SEED_QUESTION}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template([{"role": "user", "content": settings.SEED_QUESTION}], tokenize=False,
+                                     add_generation_prompt=True)
     assert prompt == f"<|user|>\n{settings.SEED_QUESTION}<|end|>\n<|assistant|>\n"
     ids = tok(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
@@ -73,7 +74,8 @@ def test_builtin_fetch_is_byte_identical_across_runs(fetch_run_id, tracking_uri)
     second_manifest = mlflow.artifacts.load_dict(f"runs:/{second}/manifest.json")
     assert first_manifest == second_manifest
     client = mlflow.MlflowClient()
-    assert client.get_run(second).data.tags[settings.TAG_REVISION] == client.get_run(fetch_run_id).data.tags[settings.TAG_REVISION]
+    assert (client.get_run(second).data.tags[settings.TAG_REVISION]
+            == client.get_run(fetch_run_id).data.tags[settings.TAG_REVISION])
 
 
 def test_fetch_local_folder(tiny_dir, tracking_uri, tmp_path):
@@ -152,7 +154,8 @@ def test_download_rejects_bad_run_ids_and_tampered_files(fetch_run_id, tracking_
         download_fetched_model(other.info.run_id, tmp_path / "b")
     # A run whose files no longer match its manifest: same manifest, one byte changed. Downloaded
     # into an empty cache (d): an entry of the same manifest would hold the right files.
-    src = shutil.copytree(download_fetched_model(fetch_run_id, tmp_path / "c").path, tmp_path / "files", copy_function=shutil.copyfile)
+    src = shutil.copytree(download_fetched_model(fetch_run_id, tmp_path / "c").path, tmp_path / "files",
+                          copy_function=shutil.copyfile)
     (src / "config.json").write_text((src / "config.json").read_text() + " ")
     manifest = mlflow.artifacts.load_dict(f"runs:/{fetch_run_id}/manifest.json")
     with mlflow.start_run() as tampered:
@@ -179,7 +182,8 @@ def shard_weights(src: Path, dst: Path, shards: int = 2) -> Path:
         save_file(part, dst / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (dst / settings.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (dst / settings.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                              "weight_map": weight_map}, indent=2))
     return dst
 
 
@@ -203,7 +207,9 @@ def _broken(case: str, tiny_dir: Path, folder: Path) -> Path:
         (folder / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 64}))
     elif case == "index-wrong-file":
         index = json.loads((folder / settings.SAFETENSORS_INDEX).read_text())
-        index["weight_map"]["lm_head.weight"] = "model-00001-of-00002.safetensors" if index["weight_map"]["lm_head.weight"].startswith("model-00002") else "model-00002-of-00002.safetensors"
+        index["weight_map"]["lm_head.weight"] = ("model-00001-of-00002.safetensors"
+                                                 if index["weight_map"]["lm_head.weight"].startswith("model-00002")
+                                                 else "model-00002-of-00002.safetensors")
         (folder / settings.SAFETENSORS_INDEX).write_text(json.dumps(index))
     elif case == "index-missing-shard":
         (folder / "model-00002-of-00002.safetensors").unlink()
@@ -217,7 +223,8 @@ def _broken(case: str, tiny_dir: Path, folder: Path) -> Path:
         ("corrupt-tokenizer", "tokenizer files: not loadable by transformers"),
         ("config-not-json", "config.json: not readable as JSON"),
         ("truncated-weights", "model.safetensors: incomplete or corrupt safetensors file"),
-        ("vocab-mismatch", "model.safetensors: model.embed_tokens.weight has shape [770, 64], config.json says [834, 64]"),
+        ("vocab-mismatch",
+         "model.safetensors: model.embed_tokens.weight has shape [770, 64], config.json says [834, 64]"),
         ("index-wrong-file", "model.safetensors.index.json: places lm_head.weight in model-0000"),
         ("index-missing-shard", "model.safetensors.index.json: places"),
     ],
@@ -254,7 +261,8 @@ ONNX_VARIANT = "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
 # code, docs, and duplicate weights in other formats.
 NOT_NEEDED = {
     "configuration_phi3.py": b"# remote code", "modeling_phi3.py": b"# remote code", "sample_finetune.py": b"#",
-    "README.md": b"# model card", "SECURITY.md": b"#", "CODE_OF_CONDUCT.md": b"#", "NOTICE.md": b"#", ".gitattributes": b"*",
+    "README.md": b"# model card", "SECURITY.md": b"#", "CODE_OF_CONDUCT.md": b"#", "NOTICE.md": b"#",
+    ".gitattributes": b"*",
     "pytorch_model.bin": os.urandom(4096), "Phi-3-mini-4k-instruct-q4.gguf": os.urandom(4096),
 }
 
@@ -314,7 +322,8 @@ for line in sys.stdin:
 """
 
     def __init__(self, hub: FakeHub, hf_home: Path):
-        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "0",
+               "HF_HUB_DISABLE_TELEMETRY": "1"}
         self.log = hf_home / "fetcher.log"
         self.proc = subprocess.Popen([sys.executable, "-c", self.CODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log.open("w"), text=True, cwd=REPO, env=env)
@@ -343,8 +352,10 @@ def hub_fetcher(fake_hub, tmp_path_factory):
     ("model_id", "expected"),
     [
         # Phi-4-mini's BPE tokenizer files come along (vocab.json, merges.txt)
-        (PHI4_MINI, {"config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                     "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+        (PHI4_MINI, {"config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+                     "model-00002-of-00002.safetensors",
+                     "model.safetensors.index.json", "special_tokens_map.json", "tokenizer.json",
+                     "tokenizer_config.json",
                      "added_tokens.json", "vocab.json", "merges.txt", "LICENSE"}),
         # one variant of an -onnx repo: that subfolder only (made by phi3flow's conversion, which keeps
         # the checkpoint's config.json beside the ONNX files)

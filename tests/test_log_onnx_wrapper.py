@@ -98,7 +98,8 @@ def test_int4_conversion_runs_and_answers(fetch_run_id, tracking_uri):
 
 
 def test_prompt_interface_takes_the_seed_request(fetch_run_id, tracking_uri):
-    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "precision": "fp32", "interface": "prompt"}, tracking_uri)
+    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "precision": "fp32", "interface": "prompt"},
+                        tracking_uri)
     assert_ok(result)
     model = mlflow.pyfunc.load_model(model_uri_of(result))
     assert [spec.name for spec in model.metadata.get_input_schema().inputs] == ["prompt"]
@@ -217,7 +218,8 @@ def test_non_string_content_is_refused(onnx_fp32_model):
 
 
 def test_bad_step_input_fails_with_one_line(fetch_run_id, tracking_uri):
-    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "precision": "int3"}, tracking_uri, timeout=300)
+    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "precision": "int3"}, tracking_uri,
+                        timeout=300)
     assert_failed_with(result, "precision must be one of int4, fp32, not 'int3'")
 
 
@@ -243,7 +245,8 @@ def _fetched(folder: Path) -> str:
 
 
 @pytest.mark.parametrize(("asked", "held"), [("int4", "fp32"), ("fp32", "int4")])
-def test_precision_that_does_not_match_a_prebuilt_folder_is_one_line(asked, held, tiny_onnx_fp32, tiny_dir, tmp_path_factory, tracking_uri):
+def test_precision_that_does_not_match_a_prebuilt_folder_is_one_line(asked, held, tiny_onnx_fp32, tiny_dir,
+                                                                     tmp_path_factory, tracking_uri):
     folder = tiny_onnx_fp32 if held == "fp32" else convert(tiny_dir, tmp_path_factory.mktemp("onnx") / "int4", "int4")
     assert onnx_model.folder_precision(folder) == held
     error, run = invoke_step(log_onnx_wrapper_step.main, ["--fetch-run-id", _fetched(folder), "--precision", asked])
@@ -299,7 +302,8 @@ def test_prompt_interface_takes_every_documented_input_form(models_by_interface)
 
 def test_chat_interface_takes_every_documented_input_form(models_by_interface):
     model = models_by_interface["chat"]
-    requests = [{"messages": [{"role": "user", "content": q}], "max_tokens": 6} for q in ("Tell me a joke", settings.SEED_QUESTION)]
+    requests = [{"messages": [{"role": "user", "content": q}], "max_tokens": 6}
+                for q in ("Tell me a joke", settings.SEED_QUESTION)]
     alone = [_content(model.predict(r)) for r in requests]  # single dict
     assert len(set(alone)) == 2
     forms = {"DataFrame": pd.DataFrame(requests), "list of dicts": requests}
@@ -316,6 +320,7 @@ def test_a_conversion_killed_by_the_system_is_one_clear_error_and_leaves_nothing
             time.sleep(0.01)
         (child,) = multiprocessing.active_children()
         os.kill(child.pid, signal.SIGKILL)  # what the out-of-memory killer does
-        with pytest.raises(UserError, match="conversion process was killed before it finished, most likely by the system's out-of-memory killer"):
+        with pytest.raises(UserError, match="conversion process was killed before it finished, most likely by the "
+                                            "system's out-of-memory killer"):
             converting.result(timeout=60)
     assert not builder_cache(out).exists()

@@ -60,7 +60,8 @@ def project(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def params(tmp_path_factory) -> dict[str, str]:
     """The parameters of main in the scheduled reruns below."""
-    return {"model_id": settings.BUILTIN_TINY, "eval_data": _eval_file(tmp_path_factory.mktemp("eval") / "two.jsonl", 2)}
+    return {"model_id": settings.BUILTIN_TINY,
+            "eval_data": _eval_file(tmp_path_factory.mktemp("eval") / "two.jsonl", 2)}
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +86,15 @@ def _runs(experiment_id: str) -> list[mlflow.entities.Run]:
 
 def _step_runs(experiment_id: str) -> dict[str, mlflow.entities.Run]:
     """Runs of the four steps (evaluate's own nested evaluation runs are not steps)."""
-    return {r.info.run_id: r for r in _runs(experiment_id) if r.data.tags.get("mlflow.project.entryPoint") in settings.MAIN_STEPS}
+    return {r.info.run_id: r for r in _runs(experiment_id)
+            if r.data.tags.get("mlflow.project.entryPoint") in settings.MAIN_STEPS}
 
 
 def _steps_of(main_run_id: str) -> dict[str, str]:
     """Entry point -> run ID, as the main run's tags name them."""
     tags = mlflow.MlflowClient().get_run(main_run_id).data.tags
-    return {ep: tags[settings.TAG_STEP_RUN.format(ep)] for ep in settings.MAIN_STEPS if settings.TAG_STEP_RUN.format(ep) in tags}
+    return {ep: tags[settings.TAG_STEP_RUN.format(ep)] for ep in settings.MAIN_STEPS
+            if settings.TAG_STEP_RUN.format(ep) in tags}
 
 
 class Background:
@@ -105,7 +108,8 @@ class Background:
         self.started = time.time() * 1000
         with log.open("w") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=step_env(tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id), start_new_session=True)
+                                         env=step_env(tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id),
+                                         start_new_session=True)
 
     def main_run_id(self) -> str:
         def newest_main():
@@ -164,7 +168,8 @@ def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, 
         assert run.data.tags["mlflow.source.git.commit"] == commit
         assert run.data.tags[settings.TAG_CODE_VERSION] == code_version(project)
         assert settings.TAG_CACHE_KEY in run.data.tags
-        assert run.data.tags[settings.TAG_OWNER] != main.data.tags[settings.TAG_OWNER]  # each step records its own process
+        # each step records its own process
+        assert run.data.tags[settings.TAG_OWNER] != main.data.tags[settings.TAG_OWNER]
     # Each step is handed its upstream steps' run IDs.
     assert runs["log_pipeline"].data.params["fetch_run_id"] == steps["fetch_model"]
     assert runs["log_onnx_wrapper"].data.params["fetch_run_id"] == steps["fetch_model"]
@@ -193,7 +198,8 @@ class Interrupted:
 @pytest.fixture(scope="module")
 def changed_parameter_main(first_main, run_main, params, experiment_id, tmp_path_factory) -> Stage:
     """main again with a one-row evaluation set instead of two."""
-    return _run_stage(run_main, experiment_id, {**params, "eval_data": _eval_file(tmp_path_factory.mktemp("one") / "one.jsonl", 1)})
+    return _run_stage(run_main, experiment_id,
+                      {**params, "eval_data": _eval_file(tmp_path_factory.mktemp("one") / "one.jsonl", 1)})
 
 
 def test_changed_parameter_reruns_only_the_steps_that_use_it(first_main, changed_parameter_main):
@@ -205,10 +211,12 @@ def test_changed_parameter_reruns_only_the_steps_that_use_it(first_main, changed
 
 
 @pytest.fixture(scope="module")
-def interrupted_forced_main(changed_parameter_main, first_main, params, project, experiment_id, tracking_uri, tmp_path_factory) -> Interrupted:
+def interrupted_forced_main(changed_parameter_main, first_main, params, project, experiment_id, tracking_uri,
+                            tmp_path_factory) -> Interrupted:
     """main with force=true, stopped by SIGTERM while log_onnx_wrapper converts."""
     before = _steps_of(first_main.result.run_id)
-    bg = Background(project, experiment_id, tracking_uri, tmp_path_factory.mktemp("forced") / "main.log", {**params, "force": "true"})
+    bg = Background(project, experiment_id, tracking_uri, tmp_path_factory.mktemp("forced") / "main.log",
+                    {**params, "force": "true"})
     onnx = bg.child("log_onnx_wrapper")
     bg.wait_for_output("converting to ONNX")  # the step is at work
     bg.signal(signal.SIGTERM)  # what cron's timeout, systemd or `kill` send to the whole group
@@ -282,7 +290,8 @@ def test_dirty_tree_never_reuses_and_a_hard_kill_leaves_runs_running(hard_killed
     assert list(hard_killed_main.statuses.values()) == ["RUNNING", "RUNNING"]
 
 
-def test_scheduled_noop_rerun_reuses_every_step_and_ends_stale_runs(hard_killed_main, rerun_after_a_kill, project, params, experiment_id, tracking_uri, tmp_path):
+def test_scheduled_noop_rerun_reuses_every_step_and_ends_stale_runs(hard_killed_main, rerun_after_a_kill, project,
+                                                                    params, experiment_id, tracking_uri, tmp_path):
     client = mlflow.MlflowClient()
     stale = list(hard_killed_main.statuses)
     existing = set(_step_runs(experiment_id))
@@ -302,9 +311,11 @@ def test_scheduled_noop_rerun_reuses_every_step_and_ends_stale_runs(hard_killed_
         assert run.info.status == "KILLED" and settings.TAG_STALE in run.data.tags
 
 
-def _scheduled(project: Path, tracking_uri: str, experiment_id: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _scheduled(project: Path, tracking_uri: str, experiment_id: str, tmp_path: Path,
+               *args: str) -> subprocess.CompletedProcess:
     env = step_env(tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id, PHI3FLOW_LOG_DIR=str(tmp_path / "logs"))
-    return subprocess.run(["bash", str(project / "scripts" / "scheduled_run.sh"), *args], capture_output=True, text=True,
+    return subprocess.run(["bash", str(project / "scripts" / "scheduled_run.sh"), *args], capture_output=True,
+                          text=True,
                           env=env, timeout=900, stdin=subprocess.DEVNULL)
 
 
@@ -378,7 +389,8 @@ def test_a_new_revision_of_the_model_reruns_fetch_model(project, experiment_id, 
 
     def fetch(flow: Chain):
         revision = resolve_revision(str(model), "main", tmp_path)
-        return flow.step("fetch_model", {"model_id": str(model), "revision": "main"}, input_tags={settings.TAG_REVISION: revision})
+        return flow.step("fetch_model", {"model_id": str(model), "revision": "main"},
+                         input_tags={settings.TAG_REVISION: revision})
 
     with mlflow.start_run(experiment_id=experiment_id):
         flow = Chain(project, experiment_id, "local", code_version(project))

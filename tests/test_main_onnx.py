@@ -18,7 +18,8 @@ def test_main_on_a_prebuilt_onnx_folder_evaluates_the_onnx_model_alone(tiny_onnx
                         tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id)
     assert_ok(result)
     main_run_id = re.findall(r"Run \(ID '([0-9a-f]+)'\)", result.stderr)[-1]  # `mlflow run` names main last
-    assert (f"[2/4] log_pipeline: skipped: {tiny_onnx_fp32} is a prebuilt onnxruntime-genai folder (onnxruntime-genai:phi3), "
+    assert (f"[2/4] log_pipeline: skipped: {tiny_onnx_fp32} is a prebuilt onnxruntime-genai folder "
+            "(onnxruntime-genai:phi3), "
             "which has no transformers checkpoint to log") in result.stdout
     assert f"main run {main_run_id}: 3 steps run, 0 reused" in result.stdout
     assert "[4/4] evaluate: running" in result.stdout  # numbered in a chain of four, the skipped one included

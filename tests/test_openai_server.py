@@ -87,7 +87,8 @@ class Server:
 @contextmanager
 def serving(cmd_for_port, model_id: str, workdir: Path, tracking_uri: str, **env: str) -> Iterator[Server]:
     log = workdir / "server.log"
-    with serving_process(cmd_for_port, log, REPO, step_env(tracking_uri, HF_HUB_OFFLINE="1", **env), "/health", 300) as (url, process):
+    with serving_process(cmd_for_port, log, REPO, step_env(tracking_uri, HF_HUB_OFFLINE="1", **env), "/health",
+                         300) as (url, process):
         yield Server(url, process, log, model_id)
 
 
@@ -117,7 +118,8 @@ def onnx_server(onnx_fp32_run, tracking_uri, tmp_path_factory) -> Iterator[Serve
 def pipeline_server(pipeline_run, tracking_uri, tmp_path_factory) -> Iterator[Server]:
     version = mlflow.MlflowClient().search_model_versions(f"run_id = '{pipeline_run.run_id}'")[0]
     uri = f"models:/{version.name}/{version.version}"
-    with serving(_step_cmd(uri), f"{version.name}/{version.version}", tmp_path_factory.mktemp("pipeline-openai"), tracking_uri) as server:
+    with serving(_step_cmd(uri), f"{version.name}/{version.version}", tmp_path_factory.mktemp("pipeline-openai"),
+                 tracking_uri) as server:
         yield server
 
 
@@ -152,7 +154,8 @@ def test_the_stream_equals_the_greedy_answer(which, request):
     text, finish, usage = _streamed(server, QUESTION, max_completion_tokens=24)
     assert text == answer.choices[0].message.content
     assert finish == answer.choices[0].finish_reason
-    assert usage["prompt_tokens"] == answer.usage.prompt_tokens and usage["completion_tokens"] == answer.usage.completion_tokens
+    assert usage["prompt_tokens"] == answer.usage.prompt_tokens
+    assert usage["completion_tokens"] == answer.usage.completion_tokens
 
 
 def test_both_models_give_the_same_greedy_answer(onnx_server, pipeline_server):
@@ -199,23 +202,28 @@ U = [{"role": "user", "content": "hi"}]
 BAD = [
     ("messages empty", {"messages": []}, "'messages' must be a non-empty list"),
     ("messages a string", {"messages": "hi"}, "'messages' must be a non-empty list"),
-    ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role must be one of system, user, assistant, got 'robot'"),
+    ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]},
+     "messages[0].role must be one of system, user, assistant, got 'robot'"),
     ("content a number", {"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string"),
     ("content missing", {"messages": [{"role": "user"}]}, "messages[0].content must be a string"),
-    ("content too long", {"messages": [{"role": "user", "content": "x" * 70_000}]}, "the messages hold 70000 characters but the model's context is 4096 tokens"),
+    ("content too long", {"messages": [{"role": "user", "content": "x" * 70_000}]},
+     "the messages hold 70000 characters but the model's context is 4096 tokens"),
     ("max_tokens negative", {"messages": U, "max_tokens": -5}, "'max_tokens' must be between 1 and 4096, got -5"),
     ("max_tokens fractional", {"messages": U, "max_tokens": 2.5}, "'max_tokens' must be a whole number"),
     ("max_tokens a string", {"messages": U, "max_tokens": "ten"}, "'max_tokens' must be a finite number, got 'ten'"),
     ("max_tokens past the context", {"messages": U, "max_tokens": 4096}, "tokens fit in the context"),
-    ("two lengths", {"messages": U, "max_tokens": 5, "max_completion_tokens": 6}, "'max_tokens' and 'max_completion_tokens' differ"),
+    ("two lengths", {"messages": U, "max_tokens": 5, "max_completion_tokens": 6},
+     "'max_tokens' and 'max_completion_tokens' differ"),
     ("temperature negative", {"messages": U, "temperature": -1}, "'temperature' must be between 0 and 2"),
     ("top_p above 1", {"messages": U, "top_p": 2}, "'top_p' must be between 0 and 1"),
     ("stop empty", {"messages": U, "stop": [""]}, "'stop' must be a non-empty string or a list of 1 to 4 of them"),
-    ("stop too many", {"messages": U, "stop": list("abcde")}, "'stop' must be a non-empty string or a list of 1 to 4 of them"),
+    ("stop too many", {"messages": U, "stop": list("abcde")},
+     "'stop' must be a non-empty string or a list of 1 to 4 of them"),
     ("n 3", {"messages": U, "n": 3}, "only n=1 is supported"),
     ("seed with sampling", {"messages": U, "seed": 7, "temperature": 0.7}, "'seed' is not supported with sampling"),
     ("stream a string", {"messages": U, "stream": "yes"}, "'stream' must be true or false"),
-    ("stream_options alone", {"messages": U, "stream_options": {"include_usage": True}}, "'stream_options' is only allowed with 'stream': true"),
+    ("stream_options alone", {"messages": U, "stream_options": {"include_usage": True}},
+     "'stream_options' is only allowed with 'stream': true"),
     ("unsupported field", {"messages": U, "presence_penalty": 0.5}, "unsupported field(s) 'presence_penalty'"),
     ("long unsupported field", {"messages": U, "x" * 5000: 1}, "... (5002 characters)"),
 ]
@@ -267,7 +275,8 @@ def test_unknown_routes_and_models_are_404(onnx_server):
     with pytest.raises(openai.NotFoundError) as refused:
         onnx_server.client().chat.completions.create(model="gpt-4o", messages=U)
     assert refused.value.body["code"] == "model_not_found"
-    response = requests.post(f"{onnx_server.url}/v1/completions", json={}, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    response = requests.post(f"{onnx_server.url}/v1/completions", json={},
+                             headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
     assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
@@ -284,7 +293,8 @@ def test_bodies_that_are_not_json_get_415_or_400(onnx_server):
         (b'["hi"]', "application/json", 400, "the body must be a JSON object"),
         (b'{"messages": "\xff"}', "application/json", 400, "not valid UTF-8"),
         # valid JSON that no client library can even encode: a lone surrogate
-        (b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}', "application/json", 400, "not valid Unicode: a lone surrogate at character 3"),
+        (b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}', "application/json", 400,
+         "not valid Unicode: a lone surrogate at character 3"),
         (json.dumps({"messages": U}).encode(), "text/plain", 415, "Content-Type: application/json"),
         (json.dumps({"messages": U}).encode(), None, 415, "Content-Type: application/json"),
     ]
@@ -297,7 +307,8 @@ def test_bodies_that_are_not_json_get_415_or_400(onnx_server):
 def _upload(server: Server, total: int, chunked: bool) -> bytes:
     """Send a body of `total` bytes over a raw socket until the server answers; return its answer.
     (A client library would stop at the broken pipe of a server that refuses early.)"""
-    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer {API_KEY}\r\n"
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {API_KEY}\r\n")
     head += "Transfer-Encoding: chunked\r\n\r\n" if chunked else f"Content-Length: {total}\r\n\r\n"
     block = b"x" * (1 << 20)
     with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=60) as sock:
@@ -345,7 +356,8 @@ def test_a_client_that_disconnects_frees_its_row(onnx_server):
     assert full.usage.completion_tokens >= 1000, full.usage
     full_cpu = onnx_server.cpu_seconds() - start
     # ... a client that leaves after the first piece lets the server go idle at once.
-    stream = onnx_server.client().chat.completions.create(model=onnx_server.model_id, messages=LONG_ANSWER, max_tokens=2300, stream=True)
+    stream = onnx_server.client().chat.completions.create(model=onnx_server.model_id, messages=LONG_ANSWER,
+                                                          max_tokens=2300, stream=True)
     next(iter(stream))
     stream.close()
     time.sleep(0.5)
@@ -400,15 +412,18 @@ def _greedy(model, ids: list[int], max_tokens: int) -> str:
     return model.tokenizer.decode([t for t in out if t not in set(model.tokenizer.eos_token_ids)]).strip()
 
 
-@pytest.mark.parametrize("content", [FORGED, "You are\u0000 nice\u0007, \u001b[31mred\u001b[0m", "<s></s><unk><|endoftext|>"],
+@pytest.mark.parametrize("content",
+                         [FORGED, "You are\u0000 nice\u0007, \u001b[31mred\u001b[0m", "<s></s><unk><|endoftext|>"],
                          ids=["forged turns", "control characters", "other markers"])
 def test_message_content_is_fed_as_text(onnx_model, hf_tokenizer, content):
     messages = [{"role": "system", "content": content}, {"role": "user", "content": content}]
     ids, control = _fed(onnx_model, hf_tokenizer, messages)
     # The only control tokens are the template's: the same as for a plain conversation.
-    assert control == _fed(onnx_model, hf_tokenizer, [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}])[1]
+    assert control == _fed(onnx_model, hf_tokenizer,
+                           [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}])[1]
     # Everything typed is there, character for character (NUL included: nothing cut).
-    assert _text(hf_tokenizer, ids) == hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert _text(hf_tokenizer, ids) == hf_tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                        add_generation_prompt=True)
     # predict feeds exactly these ids, and prompt_tokens counts them.
     answer = onnx_model.predict(None, {"messages": messages, "max_tokens": 12})[0]
     assert answer["usage"]["prompt_tokens"] == len(ids)
@@ -416,13 +431,16 @@ def test_message_content_is_fed_as_text(onnx_model, hf_tokenizer, content):
 
 
 def test_a_nul_no_longer_cuts_the_conversation(onnx_model):
-    messages = [{"role": "system", "content": "You are\u0000 nice"}, {"role": "user", "content": settings.SEED_QUESTION}]
-    cut = onnx_model.tokenizer.encode(onnx_model.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))
+    messages = [{"role": "system", "content": "You are\u0000 nice"},
+                {"role": "user", "content": settings.SEED_QUESTION}]
+    cut = onnx_model.tokenizer.encode(onnx_model.tokenizer.apply_chat_template(json.dumps(messages),
+                                                                               add_generation_prompt=True))
     assert len(onnx_model._chat_prompt(messages)) > len(cut) + 10  # onnxruntime-genai's template stops at the NUL
 
 
 def test_plain_conversations_get_the_same_ids_as_the_models_template(onnx_model):
-    conversations = [QUESTION, [{"role": "system", "content": "Be brief."}, *QUESTION, {"role": "assistant", "content": " Madrid. "},
+    conversations = [QUESTION, [{"role": "system", "content": "Be brief."}, *QUESTION,
+                                {"role": "assistant", "content": " Madrid. "},
                                 {"role": "user", "content": "And  of France?\nSay it twice. é 中文 🙂"}]]
     for messages in conversations:
         template = onnx_model.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
@@ -432,7 +450,8 @@ def test_plain_conversations_get_the_same_ids_as_the_models_template(onnx_model)
 def test_lone_surrogates_and_oversized_content_are_refused_before_tokenizing(onnx_model):
     with pytest.raises(MlflowException, match="lone surrogate"):
         onnx_model.predict(None, {"messages": [{"role": "user", "content": "a\udc80"}]})
-    with pytest.raises(MlflowException, match=r"the messages hold \d+ characters but the model's context is 4096 tokens"):
+    with pytest.raises(MlflowException,
+                       match=r"the messages hold \d+ characters but the model's context is 4096 tokens"):
         onnx_model.predict(None, {"messages": [{"role": "user", "content": "x" * (onnx_model.max_prompt_chars + 1)}]})
     with pytest.raises(MlflowException, match=r"got 'xxxx.*\.\.\. \(10002 characters\)"):
         onnx_model.predict(None, {"messages": [{"role": "x" * 10_000, "content": "hi"}]})
@@ -442,7 +461,8 @@ def test_forged_turns_over_http_are_text(onnx_server, onnx_model):
     messages = [{"role": "user", "content": FORGED}]
     answer = _chat(onnx_server, messages, max_tokens=12)
     assert answer.usage.prompt_tokens == len(onnx_model._chat_prompt(messages))
-    assert answer.choices[0].message.content == onnx_model.predict(None, {"messages": messages, "max_tokens": 12})[0]["choices"][0]["message"]["content"]
+    direct = onnx_model.predict(None, {"messages": messages, "max_tokens": 12})[0]
+    assert answer.choices[0].message.content == direct["choices"][0]["message"]["content"]
 
 
 # ---- operations ---------------------------------------------------------------------------------
@@ -450,11 +470,15 @@ def test_forged_turns_over_http_are_text(onnx_server, onnx_model):
 
 def test_invocations_keeps_mlflows_contract(onnx_server):
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    unwrapped = requests.post(f"{onnx_server.url}/invocations", json={"messages": QUESTION, "max_tokens": 8}, headers=headers, timeout=60)
+    unwrapped = requests.post(f"{onnx_server.url}/invocations", json={"messages": QUESTION, "max_tokens": 8},
+                              headers=headers, timeout=60)
     assert unwrapped.status_code == 200 and unwrapped.json()[0]["object"] == "chat.completion"
-    records = requests.post(f"{onnx_server.url}/invocations", json={"dataframe_records": [{"messages": QUESTION, "max_tokens": 8}]}, headers=headers, timeout=60)
+    records = requests.post(f"{onnx_server.url}/invocations",
+                            json={"dataframe_records": [{"messages": QUESTION, "max_tokens": 8}]}, headers=headers,
+                            timeout=60)
     assert records.json()["predictions"][0]["choices"] == unwrapped.json()[0]["choices"]
-    bad = requests.post(f"{onnx_server.url}/invocations", json={"messages": QUESTION, "max_tokens": -5, "pad": "x" * 10_000}, headers=headers, timeout=60)
+    bad = requests.post(f"{onnx_server.url}/invocations",
+                        json={"messages": QUESTION, "max_tokens": -5, "pad": "x" * 10_000}, headers=headers, timeout=60)
     assert bad.status_code == 400
     assert bad.json()["message"] == bad.json()["error"]["message"] == "'max_tokens' must be at least 1, got -5"
 
@@ -465,13 +489,15 @@ def test_the_access_log_has_one_line_per_request_without_prompt_text(onnx_server
     # The server writes the line once the response has gone out: it may land a moment after the client has it.
     line = "POST /v1/chat/completions 200"
     wait_for("the request's access line", lambda: any(
-        line in row and "completion_tokens=4 finish=length" in row for row in onnx_server.log.read_text().splitlines()), 30)
+        line in row and "completion_tokens=4 finish=length" in row
+        for row in onnx_server.log.read_text().splitlines()), 30)
     assert secret not in onnx_server.log.read_text()
 
 
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(onnx_fp32_run, tracking_uri, tmp_path):
     with serving(_step_cmd(model_uri_of(onnx_fp32_run)), model_uri_of(onnx_fp32_run), tmp_path, tracking_uri) as server:
-        stream = iter(server.client().chat.completions.create(model=server.model_id, messages=LONG_ANSWER, max_tokens=300, stream=True))
+        stream = iter(server.client().chat.completions.create(model=server.model_id, messages=LONG_ANSWER,
+                                                              max_tokens=300, stream=True))
         first = next(stream)
         server.process.send_signal(signal.SIGTERM)
         rest = list(stream)  # the answer in flight is finished

@@ -30,7 +30,8 @@ def test_python_env_and_conda_pin_the_same_versions_as_pyproject():
 
 def test_mlproject_declares_the_entry_points():
     project = yaml.safe_load((REPO / "MLproject").read_text())
-    assert set(project["entry_points"]) == {"main", "fetch_model", "log_pipeline", "log_onnx_wrapper", "evaluate", "serve", "batch_score"}
+    assert set(project["entry_points"]) == {"main", "fetch_model", "log_pipeline", "log_onnx_wrapper", "evaluate",
+                                            "serve", "batch_score"}
     assert project["python_env"] == "python_env.yaml"
     fetch = project["entry_points"]["fetch_model"]["parameters"]
     assert fetch["model_id"]["default"] == "microsoft/Phi-3-mini-4k-instruct"

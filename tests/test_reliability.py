@@ -39,7 +39,8 @@ def _step_pid(experiment_id: str, entry_point: str) -> int:
     client = mlflow.MlflowClient()
 
     def owner() -> str | None:
-        runs = client.search_runs([experiment_id], f"tags.`mlflow.project.entryPoint` = '{entry_point}' and attributes.status = 'RUNNING'",
+        runs = client.search_runs([experiment_id], f"tags.`mlflow.project.entryPoint` = '{entry_point}' and "
+                                                   "attributes.status = 'RUNNING'",
                                   max_results=1)
         return runs[0].data.tags.get(settings.TAG_OWNER) if runs else None
 
@@ -100,7 +101,8 @@ def test_a_killed_scheduled_run_keeps_the_lock_until_all_of_it_has_ended(experim
 def test_a_step_stops_with_its_cli_and_a_hard_kill_is_swept(experiment_id, tracking_uri, tmp_path):
     tmp_root = tmp_path / "tmp"
     env = step_env(tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id, PHI3FLOW_TMP_ROOT=str(tmp_root))
-    cmd = [str(BIN / "mlflow"), "run", str(REPO), "-e", "fetch_model", "--env-manager", "local", "-P", f"model_id={settings.BUILTIN_TINY}"]
+    cmd = [str(BIN / "mlflow"), "run", str(REPO), "-e", "fetch_model", "--env-manager", "local", "-P",
+           f"model_id={settings.BUILTIN_TINY}"]
     client = mlflow.MlflowClient()
 
     def start() -> tuple[subprocess.Popen, int]:
@@ -169,15 +171,19 @@ def test_outage_message_names_the_first_failed_call():
 
     try:
         try:
-            raise MlflowException("API request to http://tracking.example:5000/api/2.0/mlflow/runs/log-batch failed with "
-                                  "exception HTTPConnectionPool(host='tracking.example', port=5000): Max retries exceeded "
+            raise MlflowException("API request to "
+                                  "http://tracking.example:5000/api/2.0/mlflow/runs/log-batch failed with "
+                                  "exception HTTPConnectionPool(host='tracking.example', port=5000): Max "
+                                  "retries exceeded "
                                   "(Caused by NewConnectionError(\"...: [Errno 111] Connection refused\"))")
         except MlflowException:
             # not "from": an implicit __context__ is what MLflow's retries leave, and what is tested here
-            raise MlflowException("API request to http://tracking.example:5000/api/2.0/mlflow/runs/update failed with exception ...")  # noqa: B904
+            raise MlflowException("API request to http://tracking.example:5000/api/2.0/mlflow/runs/update "  # noqa: B904
+                                  "failed with exception ...")
     except MlflowException as exc:
         line = outage_message(exc)
-    assert line.startswith("the tracking server http://tracking.example:5000 failed the call /api/2.0/mlflow/runs/log-batch")
+    assert line.startswith("the tracking server http://tracking.example:5000 failed the call "
+                           "/api/2.0/mlflow/runs/log-batch")
     assert "(Connection refused)" in line and "\n" not in line
     assert outage_message(MlflowException("RESOURCE_DOES_NOT_EXIST: run 'x' not found")) is None
 
@@ -192,6 +198,8 @@ def test_main_refuses_what_a_later_step_cannot_take_before_any_step_runs(experim
             chain.check_parameters(precision, interface, eval_data, tmp_path)
     result = mlflow_run("main", {"model_id": settings.BUILTIN_TINY, "interface": "prompt"}, tracking_uri,
                         MLFLOW_EXPERIMENT_ID=experiment_id)
-    assert_failed_with(result, "main evaluates the ONNX model with chat messages, so it needs interface=chat, not 'prompt'")
-    entry_points = {r.data.tags.get("mlflow.project.entryPoint") for r in mlflow.MlflowClient().search_runs([experiment_id])}
+    assert_failed_with(result,
+                       "main evaluates the ONNX model with chat messages, so it needs interface=chat, not 'prompt'")
+    entry_points = {r.data.tags.get("mlflow.project.entryPoint")
+                    for r in mlflow.MlflowClient().search_runs([experiment_id])}
     assert entry_points == {"main"}  # no step ran

@@ -85,8 +85,8 @@ def ask_champion(url: str, name: str) -> None:
         f"""
 import json, mlflow
 model = mlflow.pyfunc.load_model("models:/{name}@{settings.CHAMPION_ALIAS}")
-print(json.dumps(model.predict({{"messages": [{{"role": "user", "content": "{settings.SEED_QUESTION}"}}], "max_tokens": 8}})))
-""",
+print(json.dumps(model.predict({{"messages": [{{"role": "user", "content": "{settings.SEED_QUESTION}"}}], """
+        '"max_tokens": 8})))\n',
         url,
     )
     assert answer[0]["object"] == "chat.completion"
@@ -168,7 +168,8 @@ def test_main_runs_through_the_server_and_its_champion_loads_elsewhere(sqlite_se
     ask_champion(sqlite_server.url, name)
 
 
-def test_server_restart_between_runs_loses_nothing_and_the_rerun_duplicates_nothing(sqlite_server, scheduled, first_main, tmp_path_factory):
+def test_server_restart_between_runs_loses_nothing_and_the_rerun_duplicates_nothing(sqlite_server, scheduled,
+                                                                                     first_main, tmp_path_factory):
     url, experiment_id = sqlite_server.url, scheduled.experiment_id
     before = snapshot(url, experiment_id)
     assert len(before["runs"]) >= 5 and before["aliases"]  # main, its 4 steps (and evaluate's own runs)
@@ -207,7 +208,8 @@ def alice(auth_server, tmp_path_factory) -> Flow:
     """Alice's own experiment, her step runs in it, and the environment her steps run with."""
     with as_user(ALICE, ALICE_PASSWORD):
         experiment_id = mlflow.MlflowClient(auth_server.url).create_experiment("alice")
-    env = {"MLFLOW_TRACKING_USERNAME": ALICE, "MLFLOW_TRACKING_PASSWORD": ALICE_PASSWORD, "MLFLOW_EXPERIMENT_ID": experiment_id}
+    env = {"MLFLOW_TRACKING_USERNAME": ALICE, "MLFLOW_TRACKING_PASSWORD": ALICE_PASSWORD,
+           "MLFLOW_EXPERIMENT_ID": experiment_id}
     return fetch_and_wrap(auth_server.url, env, tmp_path_factory, "phi3-onnx-alice")
 
 
@@ -254,7 +256,8 @@ def test_step_command_without_credentials_prints_one_line(auth_server, alice):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
-    assert f"the tracking server {auth_server.url} needs credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in errors[0]
+    assert (f"the tracking server {auth_server.url} needs credentials: "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") in errors[0]
 
 
 def test_permission_denied_inside_a_step_is_one_line_and_a_failed_run(auth_server, alice):

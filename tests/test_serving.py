@@ -36,9 +36,11 @@ class Server:
     process: subprocess.Popen
     log: Path
 
-    def post(self, body: dict | bytes, content_type: str = "application/json", timeout: float = 120) -> requests.Response:
+    def post(self, body: dict | bytes, content_type: str = "application/json",
+             timeout: float = 120) -> requests.Response:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return requests.post(f"{self.url}/invocations", data=data, headers={"Content-Type": content_type}, timeout=timeout)
+        return requests.post(f"{self.url}/invocations", data=data, headers={"Content-Type": content_type},
+                             timeout=timeout)
 
     def rss(self) -> int:
         """Resident memory of the server's processes (the CLI and its uvicorn), in bytes."""
@@ -51,7 +53,8 @@ class Server:
                     status = Path(entry.path, "status").read_text()
                 except (OSError, ProcessLookupError):
                     continue
-                total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+                total += next((int(line.split()[1]) * 1024 for line in status.splitlines()
+                               if line.startswith("VmRSS:")), 0)
         return total
 
 
@@ -59,7 +62,8 @@ class Server:
 def served(model_uri: str, tracking_uri: str, workdir: Path, *extra: str) -> Iterator[Server]:
     """`mlflow models serve` on a free port; stopped (its whole session) however the test ends."""
     def cmd(port: int) -> list[str]:
-        return [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local", *extra]
+        return [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port),
+                "--env-manager", "local", *extra]
 
     log = workdir / "server.log"
     with serving_process(cmd, log, workdir, step_env(tracking_uri, HF_HUB_OFFLINE="1"), "/ping", 180) as (url, process):
@@ -101,14 +105,16 @@ def pipeline_server(pipeline_run, tracking_uri, tmp_path_factory) -> Iterator[Se
 def prompt_server(fetch_run_id, tracking_uri, tmp_path_factory) -> Iterator[Server]:
     result = mlflow_run(
         "log_onnx_wrapper",
-        {"fetch_run_id": fetch_run_id, "precision": "fp32", "interface": "prompt", "registered_model_name": "phi3-onnx-prompt-test"},
+        {"fetch_run_id": fetch_run_id, "precision": "fp32", "interface": "prompt",
+         "registered_model_name": "phi3-onnx-prompt-test"},
         tracking_uri,
     )
     assert_ok(result)
     version = mlflow.MlflowClient().search_model_versions(f"run_id = '{result.run_id}'")[0]
     mlflow.MlflowClient().set_registered_model_alias(version.name, "champion", version.version)
     workdir = tmp_path_factory.mktemp("prompt-server")
-    with served("models:/phi3-onnx-prompt-test@champion", tracking_uri, workdir, "-t", str(REQUEST_TIMEOUT_S)) as server:
+    with served("models:/phi3-onnx-prompt-test@champion", tracking_uri, workdir, "-t",
+                str(REQUEST_TIMEOUT_S)) as server:
         yield server
 
 
@@ -150,29 +156,39 @@ BAD = [
     ("message a string", {"messages": ["hi"]}, None, 400, "Expected data to be dictionary"),
     ("no role", {"messages": [{"content": "hi"}]}, None, 400, "Missing required properties: {'role'}"),
     ("no content", {"messages": [{"role": "user"}]}, None, 400, "messages[0].content must be a string"),
-    ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, None, 400, "messages[0].role must be one of system, user, assistant"),
-    ("content a number", {"messages": [{"role": "user", "content": 3}]}, None, 400, "Expected type string, received type int"),
-    ("content null", {"messages": [{"role": "user", "content": None}]}, None, 400, "messages[0].content must be a string"),
-    ("content an object", {"messages": [{"role": "user", "content": {"text": "hi"}}]}, None, 400, "Expected type string, received type dict"),
+    ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, None, 400,
+     "messages[0].role must be one of system, user, assistant"),
+    ("content a number", {"messages": [{"role": "user", "content": 3}]}, None, 400,
+     "Expected type string, received type int"),
+    ("content null", {"messages": [{"role": "user", "content": None}]}, None, 400,
+     "messages[0].content must be a string"),
+    ("content an object", {"messages": [{"role": "user", "content": {"text": "hi"}}]}, None, 400,
+     "Expected type string, received type dict"),
     ("max_tokens a string", {"messages": U, "max_tokens": "ten"}, None, 400, "column max_tokens"),
     ("max_tokens negative", {"messages": U, "max_tokens": -5}, None, 400, "'max_tokens' must be at least 1"),
     ("max_tokens zero", {"messages": U, "max_tokens": 0}, None, 400, "'max_tokens' must be at least 1"),
     ("max_tokens huge", {"messages": U, "max_tokens": 10**9}, None, 400, "tokens fit in the context"),
     ("max_tokens fractional", {"messages": U, "max_tokens": 2.5}, None, 400, "column max_tokens"),
     ("max_tokens a bool", {"messages": U, "max_tokens": True}, None, 400, "column max_tokens"),
-    ("temperature negative", {"messages": U, "temperature": -1.0}, None, 400, "'temperature' must be 0 (greedy) or positive"),
+    ("temperature negative", {"messages": U, "temperature": -1.0}, None, 400,
+     "'temperature' must be 0 (greedy) or positive"),
     ("temperature a string", {"messages": U, "temperature": "hot"}, None, 400, "column temperature"),
-    ("temperature NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None, 400, "'temperature' must be a finite number"),
-    ("temperature Infinity", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', None, 400, "'temperature' must be a finite number"),
+    ("temperature NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', None, 400,
+     "'temperature' must be a finite number"),
+    ("temperature Infinity", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', None, 400,
+     "'temperature' must be a finite number"),
     ("top_p above 1", {"messages": U, "top_p": 2.0}, None, 400, "'top_p' must be in (0, 1]"),
     ("top_k negative", {"messages": U, "top_k": -3}, None, 400, "'top_k' must be 0 (off) or positive"),
     ("stop a number", {"messages": U, "stop": 5}, None, 400, "Expected data to be list"),
-    ("stop an empty string", {"messages": U, "stop": [""]}, None, 400, "'stop' must be a string or a list of non-empty strings"),
+    ("stop an empty string", {"messages": U, "stop": [""]}, None, 400,
+     "'stop' must be a string or a list of non-empty strings"),
     ("n 3", {"messages": U, "n": 3}, None, 400, "only n=1 is supported"),
     ("stream a string", {"messages": U, "stream": "yes"}, None, 400, "column stream"),
     ("stream true", {"messages": U, "stream": True}, None, 400, "'stream': true is not available here"),
-    ("unsupported OpenAI param", {"messages": U, "presence_penalty": 0.5}, None, 400, "unsupported field(s) 'presence_penalty'"),
-    ("1 MB prompt", {"messages": [{"role": "user", "content": "x" * (1 << 20)}]}, None, 400, "the model's context is 4096 tokens"),
+    ("unsupported OpenAI param", {"messages": U, "presence_penalty": 0.5}, None, 400,
+     "unsupported field(s) 'presence_penalty'"),
+    ("1 MB prompt", {"messages": [{"role": "user", "content": "x" * (1 << 20)}]}, None, 400,
+     "the model's context is 4096 tokens"),
 ]
 
 # What MLflow's transformers flavor (the phi3-pipeline model) does with the same requests where it
@@ -215,7 +231,8 @@ def pipeline_reference(pipeline_server) -> str:
 
 
 @pytest.mark.parametrize(("name", "body", "content_type", "status", "phrase"), BAD, ids=[case[0] for case in BAD])
-def test_onnx_server_refuses_bad_input_and_keeps_answering(onnx_server, onnx_reference, name, body, content_type, status, phrase):
+def test_onnx_server_refuses_bad_input_and_keeps_answering(onnx_server, onnx_reference, name, body, content_type,
+                                                           status, phrase):
     response = onnx_server.post(body, content_type or "application/json")
     assert response.status_code == status, response.text[:2000]
     assert phrase in _message(response)
@@ -232,7 +249,8 @@ def test_the_corpus_is_big_enough():
     [case for case in BAD if case[0] not in ONNX_ONLY],
     ids=[case[0] for case in BAD if case[0] not in ONNX_ONLY],
 )
-def test_pipeline_server_on_the_same_corpus(pipeline_server, pipeline_reference, name, body, content_type, status, phrase):
+def test_pipeline_server_on_the_same_corpus(pipeline_server, pipeline_reference, name, body, content_type, status,
+                                            phrase):
     response = pipeline_server.post(body, content_type or "application/json")
     if name in PIPELINE_DIFFERS:
         assert response.status_code == PIPELINE_DIFFERS[name], response.text[:2000]
@@ -248,7 +266,8 @@ def test_unknown_fields_are_dropped_by_mlflow_before_either_model(onnx_server, p
     # are refused: see the corpus.)
     for server in (onnx_server, pipeline_server):
         assert _content(server.post({**SHORT, "foo": 1})) == _content(server.post(SHORT))
-        assert "Found extra inputs in the model input that are not defined in the model signature: `['foo']`" in server.log.read_text()
+        assert ("Found extra inputs in the model input that are not defined in the model signature: `['foo']`"
+                in server.log.read_text())
 
 
 # ---- concurrency and timeout ---------------------------------------------------------------------
@@ -256,7 +275,8 @@ def test_unknown_fields_are_dropped_by_mlflow_before_either_model(onnx_server, p
 
 def test_sixteen_clients_get_the_serial_answers(onnx_server):
     requests_ = [
-        {"messages": [{"role": "user", "content": f"Question {i}: what is {i} times {i + 3}?"}], "max_tokens": 8 + 3 * i}
+        {"messages": [{"role": "user", "content": f"Question {i}: what is {i} times {i + 3}?"}],
+         "max_tokens": 8 + 3 * i}
         for i in range(10)
     ]
     serial = [_content(onnx_server.post(r)) for r in requests_]

@@ -74,10 +74,12 @@ def test_load_time_model_config_and_environment_override_the_logged_count(logged
     assert second <= 0.1 * busiest, (busiest, second)  # one thread did the work
 
     monkeypatch.setenv(settings.ONNX_THREADS_ENV, "3")  # the environment beats model_config
-    assert mlflow.pyfunc.load_model(logged_with_two_threads, model_config={"threads": 1}).unwrap_python_model().threads == 3
+    loaded = mlflow.pyfunc.load_model(logged_with_two_threads, model_config={"threads": 1})
+    assert loaded.unwrap_python_model().threads == 3
 
     monkeypatch.setenv(settings.ONNX_THREADS_ENV, "two")
-    with pytest.raises(MlflowException, match=f"threads must be 'auto' or a positive whole number, not 'two'.*{settings.ONNX_THREADS_ENV}"):
+    with pytest.raises(MlflowException, match="threads must be 'auto' or a positive whole number, not "
+                                              f"'two'.*{settings.ONNX_THREADS_ENV}"):
         mlflow.pyfunc.load_model(logged_with_two_threads)
 
 
