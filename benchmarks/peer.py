@@ -5,7 +5,8 @@ weights from a fixed seed), four formats of it:
 
   onnxruntime-genai int4  converted by the project (phi3flow.onnx_convert.convert, as log_onnx_wrapper
                           does), run with 1 thread (what onnxruntime-genai does when genai_config.json
-                          names no count) and with --threads (what log_onnx_wrapper now writes)
+                          names no count) and with --threads (what log_onnx_wrapper now writes);
+                          also converted with int4_block_size=128
   llama.cpp Q4_0, Q4_K_M  GGUF written by the converter llama-cpp-python's source distribution ships
                           (vendor/llama.cpp/convert_hf_to_gguf.py), quantized by llama_model_quantize
   transformers bf16       the checkpoint itself
@@ -14,8 +15,9 @@ Every runtime gets the same prompt token ids (no tokenizer is involved in the ti
 decoding that ignores end-of-text, so all produce exactly --new-tokens tokens. Measured: time to
 first token at batch 1, decode tokens/s at batch 1 after the first token, aggregate tokens/s at
 batch 8 (8 rows x new tokens / the whole generation, prefill included). Rounds are interleaved:
-each round runs every configuration once, each in a fresh process; the load average is recorded
-before each; the table reports medians over rounds.
+each round runs every configuration once, each in a fresh process that times --repeats generations
+after a warm-up and keeps their median; the load average is recorded before each; the table reports
+medians over rounds.
 
 The tiny tokenizer has no tokenizer.model (sentencepiece), which the converter's Phi-3 class
 requires. It is a Llama-layout BPE tokenizer.json with byte fallback, which the converter reads for
@@ -27,7 +29,8 @@ Needs the `peer` extra (llama-cpp-python, built from source) and the sdist's con
 writes with the gguf-py it ships (the converter puts it first on its import path):
 
     pip install -e '.[peer]'      # compiles llama.cpp from the sdist
-    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/sdist && tar xzf /tmp/sdist/*.tar.gz -C /tmp/sdist
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/sdist
+    tar xzf /tmp/sdist/*.tar.gz -C /tmp/sdist
     python -m benchmarks.peer --llama-cpp-src /tmp/sdist/llama_cpp_python-0.3.36 --rounds 3
 
 On 2 busy cores the full compile takes about an hour. Only the four libraries the bindings load
@@ -61,11 +64,13 @@ BATCH = 8
 CONFIGS = [
     ("onnxruntime-genai int4, 1 thread (no count in genai_config.json)", "ort", "onnx-int4", 1),
     ("onnxruntime-genai int4, --threads", "ort", "onnx-int4", None),
+    ("onnxruntime-genai int4 block 128, --threads", "ort", "onnx-int4-b128", None),
     ("llama.cpp Q4_0", "llama", "model-Q4_0.gguf", None),
     ("llama.cpp Q4_K_M", "llama", "model-Q4_K_M.gguf", None),
     ("transformers bf16", "hf", "checkpoint-bf16", None),
 ]
-GOALS = {  # onnxruntime-genai with --threads against llama.cpp Q4_0 (reported, never assumed)
+OURS = [CONFIGS[1][0], CONFIGS[2][0]]  # the project's int4 with every thread: default block size, and 128
+GOALS = {  # each of OURS against llama.cpp Q4_0 (reported, never assumed)
     "decode_b1_vs_q4_0": ("decode_tok_s_b1", ">=", 1.0),
     "ttft_b1_vs_q4_0": ("ttft_s_b1", "<=", 1.2),
     "aggregate_b8_vs_q4_0": ("aggregate_tok_s_b8", ">=", 1.5),
@@ -123,19 +128,24 @@ def quantize_gguf(src: Path, out: Path, ftype: int, threads: int) -> None:
         raise SystemExit(f"llama_model_quantize failed for {out}")
 
 
-def prepare(workdir: Path, num_layers: int, llama_cpp_src: Path | None, threads: int, need_gguf: bool) -> None:
-    from phi3flow.onnx_convert import convert
+def prepare(workdir: Path, num_layers: int, llama_cpp_src: Path | None, threads: int, files: set[str]) -> None:
+    """Build the checkpoint and those of its formats (file names under workdir) that are not there yet."""
+    from phi3flow.onnx_convert import DEFAULT_INT4_BLOCK_SIZE, convert
 
     checkpoint = workdir / "checkpoint-bf16"
     if phi3_mini_shaped.ensure_built(checkpoint, num_layers, "bfloat16", log=workdir / "build.log"):
         # a new checkpoint (none yet, or another config): the formats made from the old one go
-        shutil.rmtree(workdir / "onnx-int4", ignore_errors=True)
+        for old in workdir.glob("onnx-int4*"):
+            shutil.rmtree(old)
         for old in workdir.glob("model-*.gguf"):
             old.unlink()
-    if not (workdir / "onnx-int4" / "genai_config.json").is_file():
-        print("== converting to onnxruntime-genai int4 (the project's settings)", flush=True)
-        convert(checkpoint, workdir / "onnx-int4", "int4")
-    if not need_gguf:
+    for folder, block_size in (("onnx-int4", DEFAULT_INT4_BLOCK_SIZE), ("onnx-int4-b128", 128)):
+        if folder in files and not (workdir / folder / "genai_config.json").is_file():
+            print(f"== converting to onnxruntime-genai int4 as log_onnx_wrapper does, block size {block_size}",
+                  flush=True)
+            convert(checkpoint, workdir / folder, "int4", int4_block_size=block_size)
+    quantized = [name for name in ("Q4_0", "Q4_K_M") if f"model-{name}.gguf" in files]
+    if not quantized:
         return
     gguf = workdir / "model-bf16.gguf"
     if not gguf.is_file() and llama_cpp_src is None:
@@ -145,16 +155,17 @@ def prepare(workdir: Path, num_layers: int, llama_cpp_src: Path | None, threads:
         convert_gguf(checkpoint, gguf, llama_cpp_src)
     import llama_cpp
 
-    for name, ftype in (("Q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0), ("Q4_K_M", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
+    for name in quantized:
         out = workdir / f"model-{name}.gguf"
         if not out.is_file():
             print(f"== quantizing {out.name}", flush=True)
-            quantize_gguf(gguf, out, ftype, threads)
+            quantize_gguf(gguf, out, getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}"), threads)
 
 
 # ---- one configuration, in its own process ------------------------------------------------------
 
-def run_ort(path: Path, ids: list[int], new_tokens: int, batch: int, threads: int, options: dict) -> tuple[float, float]:
+def run_ort(path: Path, ids: list[int], new_tokens: int, batch: int, threads: int,
+            options: dict) -> tuple[float, float]:
     """(seconds to the first token, seconds to the last) of one greedy generation."""
     import onnxruntime_genai as og
 
@@ -178,7 +189,8 @@ def run_ort(path: Path, ids: list[int], new_tokens: int, batch: int, threads: in
     return first, time.perf_counter() - t0
 
 
-def run_llama(path: Path, ids: list[int], new_tokens: int, batch: int, threads: int, options: dict) -> tuple[float, float]:
+def run_llama(path: Path, ids: list[int], new_tokens: int, batch: int, threads: int,
+              options: dict) -> tuple[float, float]:
     """The same with llama.cpp's C API: one sequence per row, greedy, end-of-text ignored."""
     import llama_cpp as L
     import numpy as np
@@ -209,7 +221,8 @@ def run_llama(path: Path, ids: list[int], new_tokens: int, batch: int, threads: 
         if L.llama_decode(ctx, llama_batch) != 0:
             raise RuntimeError("llama_decode failed")
         ends = np.cumsum([len(t) for t in tokens]) - 1
-        return [int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, int(e)), shape=(n_vocab,)))) for e in ends]
+        return [int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, int(e)), shape=(n_vocab,))))
+                for e in ends]
 
     rows = [ids[i:] + ids[:i] for i in range(batch)]
     t0 = time.perf_counter()
@@ -246,32 +259,39 @@ def run_hf(path: Path, ids: list[int], new_tokens: int, batch: int, threads: int
 RUNNERS = {"ort": run_ort, "llama": run_llama, "hf": run_hf}
 
 
-def worker(runtime: str, path: Path, ids: list[int], new_tokens: int, threads: int, batch8: bool, options: dict) -> dict:
-    def run(path: Path, ids: list[int], new_tokens: int, batch: int, threads: int) -> tuple[float, float]:
-        return RUNNERS[runtime](path, ids, new_tokens, batch, threads, options)
+def worker(runtime: str, path: Path, ids: list[int], new_tokens: int, threads: int, batch8: bool, options: dict,
+           repeats: int) -> dict:
+    """Medians over `repeats` generations in this one process, after one that loads and warms up."""
+    def run(batch: int, tokens: int = new_tokens) -> tuple[float, float]:
+        return RUNNERS[runtime](path, ids, tokens, batch, threads, options)
 
     t0 = time.perf_counter()
-    run(path, ids, 4, 1, threads)  # load and warm up
+    run(1, 4)  # load and warm up
     load_s = time.perf_counter() - t0
-    before = os.times()
-    first, total = run(path, ids, new_tokens, 1, threads)
-    cpu = os.times()
+    firsts, decodes, cpus = [], [], []
+    for _ in range(repeats):
+        before = os.times()
+        first, total = run(1)
+        cpu = os.times()
+        firsts.append(first)
+        decodes.append((new_tokens - 1) / (total - first))
+        cpus.append((cpu.user - before.user + cpu.system - before.system) / total)
     result = {
         "load_s": load_s,
-        "ttft_s_b1": first,
-        "decode_tok_s_b1": (new_tokens - 1) / (total - first),
-        "cpu_per_wall_b1": (cpu.user - before.user + cpu.system - before.system) / total,
+        "ttft_s_b1": statistics.median(firsts),
+        "decode_tok_s_b1": statistics.median(decodes),
+        "cpu_per_wall_b1": statistics.median(cpus),
     }
     if batch8:
-        run(path, ids, 4, BATCH, threads)  # warm up the batch shapes
-        _, total = run(path, ids, new_tokens, BATCH, threads)
-        result["aggregate_tok_s_b8"] = BATCH * new_tokens / total
+        run(BATCH, 4)  # warm up the batch shapes
+        result["aggregate_tok_s_b8"] = statistics.median(BATCH * new_tokens / run(BATCH)[1] for _ in range(repeats))
     return result
 
 
 # ---- rounds and the report ---------------------------------------------------------------------
 
-def measure(workdir: Path, configs: list[tuple], rounds: int, threads: int, new_tokens: int) -> list[dict]:
+def measure(workdir: Path, configs: list[tuple], rounds: int, threads: int, new_tokens: int,
+            repeats: int) -> list[dict]:
     ids = prompt_ids(workdir / "checkpoint-bf16")
     runs = []
     for r in range(rounds):
@@ -280,9 +300,10 @@ def measure(workdir: Path, configs: list[tuple], rounds: int, threads: int, new_
             out = workdir / "worker-result.json"
             out.unlink(missing_ok=True)
             spec = json.dumps({"runtime": runtime, "path": str(workdir / file), "ids": ids, "new_tokens": new_tokens,
-                               "threads": config_threads or threads, "batch8": runtime != "hf",
+                               "threads": config_threads or threads, "batch8": runtime != "hf", "repeats": repeats,
                                "options": options[0] if options else {}, "out": str(out)})
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.peer", "--worker", spec], capture_output=True, text=True,
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.peer", "--worker", spec], capture_output=True,
+                                  text=True,
                                   timeout=1800, cwd=REPO)
             if proc.returncode != 0 or not out.is_file():
                 raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -303,20 +324,26 @@ def summarize(runs: list[dict], configs: list[tuple]) -> dict[str, dict]:
 
 
 def goals(table: dict[str, dict]) -> dict[str, dict]:
-    ours, peer = table.get(CONFIGS[1][0]), table.get("llama.cpp Q4_0")
+    peer = table.get("llama.cpp Q4_0")
     out = {}
-    if not (ours and peer):  # a run with --only
-        return out
-    for goal, (metric, sense, target) in GOALS.items():
-        ratio = ours[metric] / peer[metric]
-        out[goal] = {"ratio": ratio, "target": f"{sense} {target}", "met": ratio >= target if sense == ">=" else ratio <= target}
+    for name in OURS:
+        ours = table.get(name)
+        if not (ours and peer):  # a run with --only
+            continue
+        block = "block 128" if "block 128" in name else "block 32"
+        for goal, (metric, sense, target) in GOALS.items():
+            ratio = ours[metric] / peer[metric]
+            met = ratio >= target if sense == ">=" else ratio <= target
+            out[f"{goal} ({block})"] = {"ratio": ratio, "target": f"{sense} {target}", "met": met}
     return out
 
 
 def markdown(report: dict) -> str:
     lines = [
-        f"Phi-3-mini-shaped checkpoint, {report['num_layers']} layers; {report['threads']} threads; prompt {PROMPT_TOKENS} tokens,"
-        f" {report['new_tokens']} new tokens; median of {report['rounds']} interleaved rounds;"
+        f"Phi-3-mini-shaped checkpoint, {report['num_layers']} layers; {report['threads']} threads; prompt "
+        f"{PROMPT_TOKENS} tokens,"
+        f" {report['new_tokens']} new tokens; median of {report['rounds']} interleaved rounds"
+        f" of {report['repeats']} generations each;"
         f" load average (1 min) {report['loadavg_min']:.2f} to {report['loadavg_max']:.2f} before the runs.",
         "",
         "| runtime | TTFT b1 (s) | decode tok/s b1 | aggregate tok/s b8 | CPU-s per s b1 |",
@@ -324,9 +351,11 @@ def markdown(report: dict) -> str:
     ]
     for name, row in report["table"].items():
         agg = f"{row['aggregate_tok_s_b8']:.1f}" if "aggregate_tok_s_b8" in row else "–"
-        lines.append(f"| {name} | {row['ttft_s_b1']:.3f} | {row['decode_tok_s_b1']:.1f} | {agg} | {row['cpu_per_wall_b1']:.2f} |")
+        lines.append(f"| {name} | {row['ttft_s_b1']:.3f} | {row['decode_tok_s_b1']:.1f} | {agg} | "
+                     f"{row['cpu_per_wall_b1']:.2f} |")
     if report["goals"]:
-        lines += ["", "| goal (onnxruntime-genai, --threads, / llama.cpp Q4_0) | ratio | target | met |", "|---|---|---|---|"]
+        lines += ["", "| goal (onnxruntime-genai, --threads, / llama.cpp Q4_0) | ratio | target | met |",
+                  "|---|---|---|---|"]
     for goal, g in report["goals"].items():
         lines.append(f"| {goal} | {g['ratio']:.2f} | {g['target']} | {'yes' if g['met'] else 'no'} |")
     return "\n".join(lines) + "\n"
@@ -345,35 +374,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/phi3flow-peer"))
-    parser.add_argument("--llama-cpp-src", type=Path, help="the extracted llama-cpp-python sdist (for its GGUF converter)")
+    parser.add_argument("--llama-cpp-src", type=Path,
+                        help="the extracted llama-cpp-python sdist (for its GGUF converter)")
     parser.add_argument("--results-dir", type=Path, default=HERE / "results")
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="generations per configuration in each round's process; the median is kept")
     parser.add_argument("--ort-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="also run onnxruntime-genai with this session option (e.g. session.intra_op.allow_spinning=0)")
-    parser.add_argument("--only", action="append", help="run only the configurations whose name contains this text (repeatable)")
+                        help="also run onnxruntime-genai with this session option (e.g. "
+                             "session.intra_op.allow_spinning=0)")
+    parser.add_argument("--only", action="append",
+                        help="run only the configurations whose name contains this text (repeatable)")
     parser.add_argument("--results-name", default="peer", help="results go to <results-dir>/<name>.json and .md")
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        result = worker(spec["runtime"], Path(spec["path"]), spec["ids"], spec["new_tokens"], spec["threads"], spec["batch8"], spec["options"])
+        result = worker(spec["runtime"], Path(spec["path"]), spec["ids"], spec["new_tokens"], spec["threads"],
+                        spec["batch8"], spec["options"],
+                        spec["repeats"])
         Path(spec["out"]).write_text(json.dumps(result))
         return
     os.environ["HF_HUB_OFFLINE"] = "1"
     args.workdir.mkdir(parents=True, exist_ok=True)
-    configs = CONFIGS + [(f"onnxruntime-genai int4, --threads, {option}", "ort", "onnx-int4", None, dict([option.split("=", 1)]))
+    configs = CONFIGS + [(f"onnxruntime-genai int4, --threads, {option}", "ort", "onnx-int4", None,
+                          dict([option.split("=", 1)]))
                          for option in args.ort_option]
     configs = [c for c in configs if args.only is None or any(text in c[0] for text in args.only)]
-    prepare(args.workdir, args.num_layers, args.llama_cpp_src, args.threads, any(c[1] == "llama" for c in configs))
-    runs = measure(args.workdir, configs, args.rounds, args.threads, args.new_tokens)
+    prepare(args.workdir, args.num_layers, args.llama_cpp_src, args.threads, {c[2] for c in configs})
+    runs = measure(args.workdir, configs, args.rounds, args.threads, args.new_tokens, args.repeats)
     table = summarize(runs, configs)
     loads = [r["loadavg_1m_before"] for r in runs]
     from importlib.metadata import version
 
     report = {
-        "num_layers": args.num_layers, "threads": args.threads, "rounds": args.rounds, "new_tokens": args.new_tokens,
+        "num_layers": args.num_layers, "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
+        "new_tokens": args.new_tokens,
         "prompt_tokens": PROMPT_TOKENS, "batch": BATCH, "cpu": platform.processor() or platform.machine(),
         "nproc": os.cpu_count(), "loadavg_min": min(loads), "loadavg_max": max(loads),
         "versions": {**{d: version(d) for d in ("onnxruntime-genai", "onnxruntime", "transformers", "torch")},

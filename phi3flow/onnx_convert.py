@@ -20,25 +20,36 @@ from phi3flow.step_process import die_with_parent
 
 PRECISIONS = ("int4", "fp32")
 EXECUTION_PROVIDERS = ("cpu",)
-# Microsoft's published cpu-int4-rtn-block-32-acc-level-4 variant. The builder silently ignores
-# the older `int4_`-prefixed spellings of these options.
-INT4_OPTIONS = {"block_size": "32", "accuracy_level": "4", "algo_config": "rtn"}
+# Microsoft's published cpu-int4-rtn-block-32-acc-level-4 variant of Phi-3-mini, its block size a
+# parameter (below). The builder silently ignores the older `int4_`-prefixed spellings of these options.
+INT4_OPTIONS = {"accuracy_level": "4", "algo_config": "rtn"}
+# The int4 block sizes the builder takes: weights sharing one scale. 32 is the builder's default and
+# the Phi-3-mini layout Microsoft publishes (RTN); 128 is the one it publishes for Phi-3.5-mini on CPU
+# (with AWQ): on this project's 2-core benchmark, a third less time to the first token and a quarter
+# more tokens/s at batch 8 (benchmarks/README.md), from one coarser scale per 128 weights.
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_INT4_BLOCK_SIZE = 32
+# Not the builder's prune_lm_head (the LM head on the prompt's last position only): in a batch of
+# prompts of different lengths, onnxruntime-genai 0.18 pads the shorter ones, and the pruned graph
+# then gives them the logits of a padding position (a batched answer differed from the same prompt
+# answered alone).
 CONVERSION_RSS_RATIO = 1.4  # peak RSS of an int4 conversion / checkpoint bytes (benchmarks/step_memory.py, full size)
 BUILDER_LAYER_LINE = re.compile(r"Reading layer \d+")  # the builder prints one per layer (32 for Phi-3-mini)
 
 
-def convert_in_child(src: Path, out: Path, precision: str = "int4", execution_provider: str = "cpu") -> Path:
+def convert_in_child(src: Path, out: Path, precision: str = "int4", execution_provider: str = "cpu",
+                     int4_block_size: int = DEFAULT_INT4_BLOCK_SIZE) -> Path:
     """convert() in a process of its own, so that what the builder held is given back before the step goes on.
 
     The step then loads the converted model (to try it and for MLflow's input-example check) with
     none of the builder's memory (the torch model, the quantizer's buffers) still in its process.
     """
-    check_options(precision, execution_provider)
+    check_options(precision, execution_provider, int4_block_size)
     # spawn, not fork: a forked copy of a process that has started threads can hang in torch.
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                              initializer=die_with_parent) as pool:
         try:
-            return pool.submit(convert, src, out, precision, execution_provider).result()
+            return pool.submit(convert, src, out, precision, execution_provider, int4_block_size).result()
         except BrokenProcessPool:
             shutil.rmtree(builder_cache(out), ignore_errors=True)  # the killed child could not remove it
             weights = weights_gb(src)
@@ -58,22 +69,35 @@ def weights_gb(src: Path) -> float:
     return sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
 
 
-def check_options(precision: str, execution_provider: str) -> None:
+def check_options(precision: str, execution_provider: str,
+                  int4_block_size: int | str = DEFAULT_INT4_BLOCK_SIZE) -> None:
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
     if execution_provider not in EXECUTION_PROVIDERS:
-        raise UserError(f"execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, not '{execution_provider}'")
+        raise UserError(
+            f"execution_provider must be one of {', '.join(EXECUTION_PROVIDERS)}, not '{execution_provider}'")
+    parse_int4_block_size(int4_block_size)
 
 
-def convert(src: Path, out: Path, precision: str = "int4", execution_provider: str = "cpu") -> Path:
+def parse_int4_block_size(value: str | int) -> int:
+    """A block size from a step parameter (a string) or a caller: one of INT4_BLOCK_SIZES, else a user mistake."""
+    text = str(value).strip()
+    if not text.isdigit() or int(text) not in INT4_BLOCK_SIZES:
+        raise UserError(f"int4_block_size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))}, not '{text}'")
+    return int(text)
+
+
+def convert(src: Path, out: Path, precision: str = "int4", execution_provider: str = "cpu",
+            int4_block_size: int = DEFAULT_INT4_BLOCK_SIZE) -> Path:
     """Build the ONNX model, genai_config.json and tokenizer files of src into out."""
-    check_options(precision, execution_provider)
+    check_options(precision, execution_provider, int4_block_size)
     # The builder reads config and tokenizer through transformers, which asks the Hub about a
     # local folder unless told it is offline.
     os.environ["HF_HUB_OFFLINE"] = "1"
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
-    extra = [f"{k}={v}" for k, v in INT4_OPTIONS.items()] if precision == "int4" else []
+    options = INT4_OPTIONS | {"block_size": str(int4_block_size)} if precision == "int4" else {}
+    extra = [f"{k}={v}" for k, v in options.items()]
     window = sliding_window(src)
     if window is not None:
         extra.append("windowed_kv_cache=false")

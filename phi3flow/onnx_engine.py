@@ -89,7 +89,8 @@ class Job:
         return next(completion for _, completion, final in self.results() if final)
 
 
-def choose_batch(waiting: Iterable[Job], max_size: int, context_length: int, max_batch_tokens: int) -> tuple[list[Job], list[Job]]:
+def choose_batch(waiting: Iterable[Job], max_size: int, context_length: int,
+                 max_batch_tokens: int) -> tuple[list[Job], list[Job]]:
     """The next batch from the waiting jobs (one or more, oldest first), and the jobs held back, in arrival order.
 
     The batch is the oldest job and, in arrival order, each later job that can share its generator:
@@ -260,7 +261,8 @@ class Batcher:
                 self._wakeup.wait(quiet - now)
                 if len(self._waiting) > count:
                     quiet = min(time.monotonic() + self.burst_s, first + self.gather_s)
-            batch, held_back = choose_batch(self._waiting, self.max_batch_size, self.context_length, self.max_batch_tokens)
+            batch, held_back = choose_batch(self._waiting, self.max_batch_size, self.context_length,
+                                            self.max_batch_tokens)
             self._waiting = deque(held_back)
             self._last_batch_size = len(batch)
             return batch

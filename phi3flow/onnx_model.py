@@ -15,7 +15,7 @@ from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 from phi3flow import settings
 from phi3flow.errors import UserError
 from phi3flow.fetch import first_line
-from phi3flow.onnx_convert import convert_in_child
+from phi3flow.onnx_convert import DEFAULT_INT4_BLOCK_SIZE, convert_in_child
 from phi3flow.threads import parse_threads, write_session_options
 
 INTERFACES = ("chat", "prompt")
@@ -25,7 +25,8 @@ PYFUNC_FILE = Path(__file__).with_name("onnx_pyfunc.py")
 ENGINE_FILE = Path(__file__).with_name("onnx_engine.py")
 
 
-def onnx_folder(model_dir: Path, workdir: Path, precision: str, execution_provider: str) -> tuple[Path, bool]:
+def onnx_folder(model_dir: Path, workdir: Path, precision: str, execution_provider: str,
+                int4_block_size: int = DEFAULT_INT4_BLOCK_SIZE) -> tuple[Path, bool]:
     """The onnxruntime-genai folder for model_dir, in workdir: a working copy if it already is one, else a conversion.
 
     model_dir is read, never written: it is a cache entry other steps share, and logging writes the
@@ -36,12 +37,16 @@ def onnx_folder(model_dir: Path, workdir: Path, precision: str, execution_provid
     if (model_dir / "genai_config.json").is_file():
         found = folder_precision(model_dir)
         if found != precision:
-            raise UserError(f"precision={precision}, but the fetched onnxruntime-genai folder holds {found} weights "
-                            f"(it is logged as it is, not converted): run with precision={found}")
-        print(f"the fetched model is already an onnxruntime-genai folder ({found}): logging it without conversion", flush=True)
+            raise UserError(f"precision={precision}, but the fetched onnxruntime-genai folder holds {found} "
+                            f"weights (it is logged as it is, not converted): run with precision={found}")
+        ignored = "" if int4_block_size == DEFAULT_INT4_BLOCK_SIZE else "; int4_block_size applies to conversions only"
+        print(f"the fetched model is already an onnxruntime-genai folder ({found}): logging it without conversion"
+              f"{ignored}", flush=True)
         return working_copy(model_dir, workdir / "onnx"), False
-    print(f"converting to ONNX ({precision}, {execution_provider}) with the onnxruntime-genai model builder ...", flush=True)
-    return convert_in_child(model_dir, workdir / "onnx", precision, execution_provider), True
+    layout = f", block size {int4_block_size}" if precision == "int4" else ""
+    print(f"converting to ONNX ({precision}{layout}, {execution_provider}) with the onnxruntime-genai model builder"
+          " ...", flush=True)
+    return convert_in_child(model_dir, workdir / "onnx", precision, execution_provider, int4_block_size), True
 
 
 def folder_precision(folder: Path) -> str:
@@ -82,7 +87,8 @@ def try_generation(onnx_dir: Path, interface: str, tokens: int = 2) -> str:
         else:
             answer = model.predict(None, example, params={"max_tokens": tokens})[0]
     except Exception as exc:  # onnxruntime-genai raises RuntimeError with the kernel's message
-        raise UserError(f"the ONNX model does not run in onnxruntime-genai, nothing was logged: {first_line(exc)}") from None
+        raise UserError(
+            f"the ONNX model does not run in onnxruntime-genai, nothing was logged: {first_line(exc)}") from None
     print(f"the ONNX model generates: {tokens} greedy tokens through the pyfunc -> {answer!r}", flush=True)
     return answer
 
@@ -97,7 +103,8 @@ def signature_and_example(interface: str) -> tuple[ModelSignature, dict]:
         ParamSpec("top_p", "double", 1.0),
         ParamSpec("top_k", "long", 0),
     ])
-    signature = ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]), params=params)
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
+                               params=params)
     return signature, {"prompt": settings.SEED_PROMPT}
 
 
@@ -125,7 +132,8 @@ class PortablePyfunc:
         mlflow_model.save(str(Path(path) / MLMODEL_FILE_NAME))
 
 
-def log_onnx_model(onnx_dir: Path, interface: str, model_name: str, registered_model_name: str | None = None, threads: str = settings.ONNX_THREADS_AUTO) -> ModelInfo:
+def log_onnx_model(onnx_dir: Path, interface: str, model_name: str, registered_model_name: str | None = None,
+                   threads: str = settings.ONNX_THREADS_AUTO) -> ModelInfo:
     check_interface(interface)
     # Written into the folder too, so it uses the cores it is given without the pyfunc as well.
     thread_count = parse_threads(threads)

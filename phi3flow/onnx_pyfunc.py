@@ -91,7 +91,8 @@ def check_unicode(text: str, where: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise bad_request(f"{where} is not valid Unicode: a lone surrogate {text[error.start]!r} at character {error.start}") from None
+        raise bad_request(f"{where} is not valid Unicode: a lone surrogate {text[error.start]!r} at "
+                          f"character {error.start}") from None
 
 
 def number(value: Any, name: str, kind: type) -> Any:
@@ -120,7 +121,8 @@ def decoding_options(request: dict[str, Any], prompt_tokens: int, context_length
     if max_tokens < 1:
         raise bad_request(f"'max_tokens' must be at least 1, got {max_tokens}")
     if max_tokens > room:
-        raise bad_request(f"'max_tokens' is {max_tokens} but only {room} tokens fit in the context after the {prompt_tokens}-token prompt")
+        raise bad_request(f"'max_tokens' is {max_tokens} but only {room} tokens fit in the context after the "
+                          f"{prompt_tokens}-token prompt")
     temperature = request.get("temperature")
     temperature = default_temperature if temperature is None else number(temperature, "temperature", float)
     if temperature < 0:
@@ -161,7 +163,8 @@ def requests_of(model_input: Any) -> list[dict[str, Any]]:
         if not isinstance(row, dict):
             raise bad_request("each request must be an object")
         # pandas fills absent optional fields with None or NaN
-        requests.append({k: v for k, v in row.items() if not (v is None or (isinstance(v, float) and v != v and k in filled))})
+        requests.append({k: v for k, v in row.items()
+                         if not (v is None or (isinstance(v, float) and v != v and k in filled))})
     return requests
 
 
@@ -188,7 +191,8 @@ def prompt_options(params: dict[str, Any] | None) -> dict[str, Any]:
     """The prompt interface's decoding options: they come as params."""
     options = dict(params or {})
     if unknown := sorted(set(options) - PROMPT_PARAMS):
-        raise bad_request(f"unsupported param(s) {', '.join(map(shown, unknown[:10]))}; this model takes {', '.join(sorted(PROMPT_PARAMS))}")
+        raise bad_request(f"unsupported param(s) {', '.join(map(shown, unknown[:10]))}; this model takes "
+                          f"{', '.join(sorted(PROMPT_PARAMS))}")
     return options
 
 
@@ -196,7 +200,8 @@ def chat_request(request: dict[str, Any], streaming: bool = False) -> dict[str, 
     """An llm/v1/chat request whose fields this model honours (their values are checked later)."""
     unknown = sorted(set(request) - CHAT_FIELDS)
     if unknown:
-        raise bad_request(f"unsupported field(s) {', '.join(map(shown, unknown[:10]))}; this model takes {', '.join(sorted(CHAT_FIELDS))}")
+        raise bad_request(f"unsupported field(s) {', '.join(map(shown, unknown[:10]))}; this model takes "
+                          f"{', '.join(sorted(CHAT_FIELDS))}")
     if request.get("n", 1) != 1:
         raise bad_request("only n=1 is supported")
     if request.get("stream") and not streaming:
@@ -296,7 +301,8 @@ class _NoTypeHintWarning(mlflow.pyfunc.PythonModel):
             super().__init_subclass__(**kwargs)  # PythonModel's: wraps predict, checks its type hints
         for warning in caught:
             if not (issubclass(warning.category, UserWarning) and TYPE_HINT_WARNING.match(str(warning.message))):
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno, source=warning.source)
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno,
+                                       source=warning.source)
 
 
 class Phi3OnnxModel(_NoTypeHintWarning):
@@ -314,7 +320,8 @@ class Phi3OnnxModel(_NoTypeHintWarning):
         threads = os.environ.get(threads_env) or str(config.get("threads", "auto"))
         self.threads = _available_cpus() if threads.strip() == "auto" else _number_of_threads(threads, threads_env)
         og_config = og.Config(str(folder))
-        og_config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}}))
+        session_options = {"intra_op_num_threads": self.threads}
+        og_config.overlay(json.dumps({"model": {"decoder": {"session_options": session_options}}}))
         # Loaded once and shared: the batcher thread runs every generation on it.
         self.model = og.Model(og_config)
         self.tokenizer = og.Tokenizer(self.model)
@@ -413,7 +420,8 @@ class Phi3OnnxModel(_NoTypeHintWarning):
 
     def _job(self, prompt_ids: list[int], request: dict[str, Any], deadline: float | None) -> Job:
         """A validated job for the batcher; bad input raises here, in the caller's thread."""
-        decoding = decoding_options(request, len(prompt_ids), self.context_length, self.default_max_tokens, self.default_temperature)
+        decoding = decoding_options(request, len(prompt_ids), self.context_length, self.default_max_tokens,
+                                    self.default_temperature)
         return Job(prompt_ids, decoding, deadline)
 
     def _run(self, jobs: list[Job]) -> list[Completion]:

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
+import onnx
 import pandas as pd
 import pytest
 import torch
@@ -86,11 +87,17 @@ print(json.dumps([mlflow.pyfunc.load_model(uri).predict(request)
     assert onnx_answer[0]["model"] == "builtin:tiny-phi3"
 
 
-def test_int4_conversion_runs_and_answers(fetch_run_id, tracking_uri):
-    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id}, tracking_uri)
+def test_int4_conversion_runs_and_answers(fetch_run_id, tracking_uri, tmp_path):
+    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "int4_block_size": "128"}, tracking_uri)
     assert_ok(result)
+    assert "converting to ONNX (int4, block size 128, cpu)" in result.stdout
     params = mlflow.MlflowClient().get_run(result.run_id).data.params
-    assert params["precision"] == "int4"
+    assert params["precision"] == "int4" and params["int4_block_size"] == "128"
+    local = Path(mlflow.artifacts.download_artifacts(model_uri_of(result), dst_path=str(tmp_path)))
+    graph = onnx.load(str(next(local.rglob("model.onnx"))), load_external_data=False).graph
+    int4_matmuls = [node for node in graph.node if node.op_type == "MatMulNBits"]
+    assert int4_matmuls
+    assert {onnx.helper.get_node_attr_value(node, "block_size") for node in int4_matmuls} == {128}
     answer = mlflow.pyfunc.load_model(model_uri_of(result)).predict({**SEED, "max_tokens": 8})
     assert answer[0]["object"] == "chat.completion"
     assert isinstance(_content(answer), str)
@@ -228,6 +235,8 @@ def test_bad_step_input_fails_with_one_line(fetch_run_id, tracking_uri):
     [
         (["--execution-provider", "cuda"], "execution_provider must be one of cpu, not 'cuda'"),
         (["--interface", "rest"], "interface must be one of chat, prompt, not 'rest'"),
+        (["--int4-block-size", "100"], "int4_block_size must be one of 16, 32, 64, 128, 256, not '100'"),
+        (["--int4-block-size", "big"], "int4_block_size must be one of 16, 32, 64, 128, 256, not 'big'"),
         (["--fetch-run-id", "0123456789abcdef"], "no run with ID '0123456789abcdef'"),
     ],
 )
