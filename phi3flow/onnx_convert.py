@@ -25,14 +25,10 @@ EXECUTION_PROVIDERS = ("cpu",)
 INT4_OPTIONS = {"accuracy_level": "4", "algo_config": "rtn"}
 # The int4 block sizes the builder takes: weights sharing one scale. 32 is the builder's default and
 # the Phi-3-mini layout Microsoft publishes (RTN); 128 is the one it publishes for Phi-3.5-mini on CPU
-# (with AWQ): on this project's 2-core benchmark, a third less time to the first token and a quarter
-# more tokens/s at batch 8 (benchmarks/README.md), from one coarser scale per 128 weights.
+# (with AWQ): on this project's 2-core benchmark, 1.2x the decode rate of 32 at batch 1 and 1.1x at
+# batch 8 (docs/performance.md), from one coarser scale per 128 weights.
 INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_INT4_BLOCK_SIZE = 32
-# Not the builder's prune_lm_head (the LM head on the prompt's last position only): in a batch of
-# prompts of different lengths, onnxruntime-genai 0.18 pads the shorter ones, and the pruned graph
-# then gives them the logits of a padding position (a batched answer differed from the same prompt
-# answered alone).
 CONVERSION_RSS_RATIO = 1.4  # peak RSS of an int4 conversion / checkpoint bytes (benchmarks/step_memory.py, full size)
 BUILDER_LAYER_LINE = re.compile(r"Reading layer \d+")  # the builder prints one per layer (32 for Phi-3-mini)
 
@@ -113,6 +109,7 @@ def convert(src: Path, out: Path, precision: str = "int4", execution_provider: s
         shutil.rmtree(cache, ignore_errors=True)  # on failure too: it holds the float weights (15 GB for Phi-3-mini)
     if window is not None:
         apply_sliding_window(out / "model.onnx", window)
+    prune_lm_head(out / "model.onnx")
     # The checkpoint's config travels with the ONNX files: the pyfunc reads LongRoPE's switch point
     # (original_max_position_embeddings) from it, which genai_config.json cannot hold (its parser
     # refuses unknown keys).
@@ -202,4 +199,64 @@ def apply_sliding_window(model_file: Path, window: int) -> None:
             for attribute in node.attribute:
                 if attribute.name == "local_window_size":
                     attribute.i = window
+    onnx.save(model, str(model_file))
+
+
+def prune_lm_head(model_file: Path) -> None:
+    """Make the LM head compute each row's next-token logits only, not those of every prompt position.
+
+    Generation reads one row of logits per sequence; the builder's graph computes them for every
+    position of the prompt, a (positions x 3072) by (3072 x 32064) product and its float32 output
+    (128 KB a position: 1 GB for a batch of eight 1000-token prompts), where llama.cpp computes one.
+
+    Why not the builder's own `prune_lm_head` option: it keeps the batch's last position, while a
+    batch pads its shorter prompts on the right (onnx_engine.Pass, as onnxruntime-genai's
+    encode_batch does), so those rows would get a padding position's logits (seen: a batched answer
+    differed from the same prompt answered alone). Here each row's position comes from the attention
+    mask: its real tokens, less those already in the KV cache, less one; 0 in a decode step, where
+    every row feeds one token. onnxruntime-genai 0.18 reads [batch, 1, vocab] logits as each row's
+    next-token logits (its support for pruned heads).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(model_file), load_external_data=False)  # the weights stay in model.onnx.data
+    graph = model.graph
+    [head_index] = [i for i, node in enumerate(graph.node) if "logits" in node.output]
+    head = graph.node[head_index]
+    hidden = head.input[0]  # [batch, positions, hidden]
+    prefix = "/lm_head/row_last_position"
+
+    def name(part: str) -> str:
+        return f"{prefix}/{part}"
+
+    graph.initializer.extend([
+        helper.make_tensor(name("one"), TensorProto.INT64, [1], [1]),
+        helper.make_tensor(name("zero"), TensorProto.INT64, [1], [0]),
+        helper.make_tensor(name("axis"), TensorProto.INT64, [1], [1]),
+    ])
+    nodes = [
+        # real tokens of each row so far [batch, 1]; the mask's width is the cache's plus this step's
+        helper.make_node("ReduceSum", ["attention_mask", name("axis")], [name("tokens")], keepdims=1),
+        helper.make_node("Shape", ["attention_mask"], [name("width")], start=1, end=2),
+        helper.make_node("Shape", ["input_ids"], [name("fed")], start=1, end=2),
+        helper.make_node("Sub", [name("tokens"), name("width")], [name("tokens_less_width")]),
+        helper.make_node("Add", [name("tokens_less_width"), name("fed")], [name("tokens_fed")]),
+        helper.make_node("Sub", [name("tokens_fed"), name("one")], [name("last")]),
+        helper.make_node("Max", [name("last"), name("zero")], [name("position")]),
+        # GatherElements wants an index of the output's shape: [batch, 1, hidden]
+        helper.make_node("Unsqueeze", [name("position"), name("axis")], [name("position_3d")]),
+        helper.make_node("Shape", [hidden], [name("hidden_size")], start=2, end=3),
+        helper.make_node("Concat", [name("one"), name("one"), name("hidden_size")], [name("index_shape")], axis=0),
+        helper.make_node("Expand", [name("position_3d"), name("index_shape")], [name("index")]),
+        helper.make_node("GatherElements", [hidden, name("index")], [name("output_0")], axis=1),
+    ]
+    for offset, node in enumerate(nodes):
+        node.name = name(f"{node.op_type}_{offset}")
+        graph.node.insert(head_index + offset, node)
+    head.input[0] = name("output_0")
+    [logits] = [output for output in graph.output if output.name == "logits"]
+    positions = logits.type.tensor_type.shape.dim[1]
+    positions.Clear()
+    positions.dim_value = 1
     onnx.save(model, str(model_file))

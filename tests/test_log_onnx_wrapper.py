@@ -98,6 +98,10 @@ def test_int4_conversion_runs_and_answers(fetch_run_id, tracking_uri, tmp_path):
     int4_matmuls = [node for node in graph.node if node.op_type == "MatMulNBits"]
     assert int4_matmuls
     assert {onnx.helper.get_node_attr_value(node, "block_size") for node in int4_matmuls} == {128}
+    # the LM head computes one row of logits per sequence, not one per prompt position (onnx_convert.prune_lm_head;
+    # that every row still gets its own next token: test_prompt_interface_takes_every_documented_input_form)
+    logits = next(output for output in graph.output if output.name == "logits")
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
     answer = mlflow.pyfunc.load_model(model_uri_of(result)).predict({**SEED, "max_tokens": 8})
     assert answer[0]["object"] == "chat.completion"
     assert isinstance(_content(answer), str)
