@@ -25,8 +25,8 @@ EXECUTION_PROVIDERS = ("cpu",)
 INT4_OPTIONS = {"accuracy_level": "4", "algo_config": "rtn"}
 # The int4 block sizes the builder takes: weights sharing one scale. 32 is the builder's default and
 # the Phi-3-mini layout Microsoft publishes (RTN); 128 is the one it publishes for Phi-3.5-mini on CPU
-# (with AWQ): on this project's 2-core benchmark, 1.2x the decode rate of 32 at batch 1 and 1.1x at
-# batch 8 (docs/performance.md), from one coarser scale per 128 weights.
+# (with AWQ). On this project's 2-core benchmark it decodes 4-10% faster than 32 at batch 1 and 8, and
+# answers the first token 12% sooner at full size (docs/performance.md): one coarser scale per 128 weights.
 INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_INT4_BLOCK_SIZE = 32
 CONVERSION_RSS_RATIO = 1.4  # peak RSS of an int4 conversion / checkpoint bytes (benchmarks/step_memory.py, full size)
