@@ -69,7 +69,7 @@ CONFIGS = [
     ("llama.cpp Q4_K_M", "llama", "model-Q4_K_M.gguf", None),
     ("transformers bf16", "hf", "checkpoint-bf16", None),
 ]
-OURS = [CONFIGS[1][0], CONFIGS[2][0]]  # the project's int4 with every thread: default block size, and 128
+OURS = {CONFIGS[1][0]: "block 32", CONFIGS[2][0]: "block 128"}  # the project's int4 with every thread
 GOALS = {  # each of OURS against llama.cpp Q4_0 (reported, never assumed)
     "decode_b1_vs_q4_0": ("decode_tok_s_b1", ">=", 1.0),
     "ttft_b1_vs_q4_0": ("ttft_s_b1", "<=", 1.2),
@@ -303,8 +303,7 @@ def measure(workdir: Path, configs: list[tuple], rounds: int, threads: int, new_
                                "threads": config_threads or threads, "batch8": runtime != "hf", "repeats": repeats,
                                "options": options[0] if options else {}, "out": str(out)})
             proc = subprocess.run([sys.executable, "-m", "benchmarks.peer", "--worker", spec], capture_output=True,
-                                  text=True,
-                                  timeout=1800, cwd=REPO)
+                                  text=True, timeout=1800, cwd=REPO)
             if proc.returncode != 0 or not out.is_file():
                 raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
             result = json.loads(out.read_text())
@@ -326,11 +325,10 @@ def summarize(runs: list[dict], configs: list[tuple]) -> dict[str, dict]:
 def goals(table: dict[str, dict]) -> dict[str, dict]:
     peer = table.get("llama.cpp Q4_0")
     out = {}
-    for name in OURS:
+    for name, block in OURS.items():
         ours = table.get(name)
         if not (ours and peer):  # a run with --only
             continue
-        block = "block 128" if "block 128" in name else "block 32"
         for goal, (metric, sense, target) in GOALS.items():
             ratio = ours[metric] / peer[metric]
             met = ratio >= target if sense == ">=" else ratio <= target
@@ -340,10 +338,9 @@ def goals(table: dict[str, dict]) -> dict[str, dict]:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"Phi-3-mini-shaped checkpoint, {report['num_layers']} layers; {report['threads']} threads; prompt "
-        f"{PROMPT_TOKENS} tokens,"
-        f" {report['new_tokens']} new tokens; median of {report['rounds']} interleaved rounds"
-        f" of {report['repeats']} generations each;"
+        f"Phi-3-mini-shaped checkpoint, {report['num_layers']} layers; {report['threads']} threads;"
+        f" prompt {PROMPT_TOKENS} tokens, {report['new_tokens']} new tokens; median of {report['rounds']}"
+        f" interleaved rounds of {report['repeats']} generations each;"
         f" load average (1 min) {report['loadavg_min']:.2f} to {report['loadavg_max']:.2f} before the runs.",
         "",
         "| runtime | TTFT b1 (s) | decode tok/s b1 | aggregate tok/s b8 | CPU-s per s b1 |",
@@ -393,8 +390,7 @@ def main() -> None:
     if args.worker:
         spec = json.loads(args.worker)
         result = worker(spec["runtime"], Path(spec["path"]), spec["ids"], spec["new_tokens"], spec["threads"],
-                        spec["batch8"], spec["options"],
-                        spec["repeats"])
+                        spec["batch8"], spec["options"], spec["repeats"])
         Path(spec["out"]).write_text(json.dumps(result))
         return
     os.environ["HF_HUB_OFFLINE"] = "1"
