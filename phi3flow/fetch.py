@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,8 +202,8 @@ def resolve(model_id: str, revision: str, workdir: Path) -> Source:
 def resolve_revision(model_id: str, revision: str, workdir: Path) -> str:
     """What `resolve` would record as the resolved revision, without downloading Hub files.
 
-    A Hub commit SHA costs one metadata request; local and builtin sources are hashed (the tiny
-    model is built into workdir, a few seconds).
+    A Hub commit SHA costs one metadata request; local and builtin sources are hashed (a builtin model
+    not in the local cache yet is built into workdir, a few seconds).
     """
     local = _local_source(model_id, revision, workdir)
     return local.resolved_revision if local else _hub_commit(model_id, revision)
@@ -214,8 +215,8 @@ def _local_source(model_id: str, revision: str, workdir: Path) -> Source | None:
         name = model_id.removeprefix("builtin:")
         if name not in tiny.FAMILY:
             raise UserError(f"unknown builtin model '{model_id}'; the builtins are {', '.join(settings.BUILTINS)}")
-        path = tiny.build(workdir / name, name)
-        return Source(path, model_id, revision, content_hash(manifest_of(path)))
+        path, built_hash = builtin_folder(name, workdir)
+        return Source(path, model_id, revision, built_hash)
 
     local = Path(os.path.expanduser(model_id))
     if local.is_dir():
@@ -226,6 +227,54 @@ def _local_source(model_id: str, revision: str, workdir: Path) -> Source | None:
         raise UserError(f"model_id '{model_id}' is neither an existing local folder, a Hub id (owner/name) nor "
                         f"'{settings.BUILTIN_TINY}'")
     return None
+
+
+def builtin_folder(name: str, workdir: Path) -> tuple[Path, str]:
+    """The builtin member `name` and its content hash: the local cache's copy when one built by the same
+    recipe is there and intact, else a fresh build into workdir, then copied into the cache.
+
+    Building imports torch and transformers' Phi-3 modeling, seconds at the start of every fetch_model and
+    of every main (it hashes the build to key fetch_model), for files that depend only on tiny.py and the
+    libraries that write them: those are the entry's key. The entry's content hash is checked on every
+    use, so a damaged one is built again, never logged. Best effort: a cache that cannot be written only
+    means the next run builds again.
+    """
+    entry = settings.cache_dir() / "builtin" / _builtin_recipe(name)
+    recorded = entry.with_name(entry.name + ".sha256")
+    if entry.is_dir() and recorded.is_file():
+        found = content_hash(manifest_of(entry))
+        if recorded.read_text().strip() == found:
+            return entry, found
+    path = tiny.build(workdir / name, name)
+    built = content_hash(manifest_of(path))
+    staging = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+        shutil.copytree(path, staging, dirs_exist_ok=True)
+        if entry.exists():  # damaged: its files no longer match the hash recorded beside it
+            recorded.unlink(missing_ok=True)
+            shutil.rmtree(entry)
+        staging.rename(entry)  # whole or absent, for a process reading the cache meanwhile
+        staging = None
+        recorded.write_text(built + "\n")
+    except OSError:  # another process stored it first, or the cache is not writable
+        pass
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return path, built
+
+
+def _builtin_recipe(name: str) -> str:
+    """The cache entry's name: the member, and a hash of what its bytes depend on (tiny.py, and the versions
+    of the libraries that write them)."""
+    from importlib.metadata import version
+
+    recipe = hashlib.sha256(Path(tiny.__file__).read_bytes())
+    recipe.update(" ".join(f"{lib}=={version(lib)}" for lib in ("torch", "transformers", "tokenizers",
+                                                               "safetensors")).encode())
+    return f"{name}-{recipe.hexdigest()[:16]}"
 
 
 def _hub_commit(model_id: str, revision: str) -> str:

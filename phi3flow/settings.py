@@ -42,7 +42,8 @@ MANIFEST_FILE = "manifest.json"
 
 # The local cache of fetched model files (phi3flow/artifacts.py): the steps of one machine that read
 # the same fetch run, or two fetch runs with the same manifest, download its files once. Default:
-# $XDG_CACHE_HOME/phi3flow, else ~/.cache/phi3flow. Removing it while no step runs is always safe.
+# $XDG_CACHE_HOME/phi3flow, else ~/.cache/phi3flow. It keeps the builtin models too (phi3flow/fetch.py,
+# builtin_folder). Removing it while no step runs is always safe.
 CACHE_DIR_ENV = "PHI3FLOW_CACHE_DIR"
 
 # Logged model names

@@ -1,7 +1,8 @@
 """The embedded `builtin:tiny-phi3` model: real Phi-3 architecture and tokenizer format, random weights.
 
 It exists so that every step, test and quickstart runs with no model hub: `fetch_model` builds it
-into a folder laid out like a Hub snapshot of microsoft/Phi-3-mini-4k-instruct, and everything
+(once per machine: the local cache keeps it, see fetch.builtin_folder) into a folder laid out like a
+Hub snapshot of microsoft/Phi-3-mini-4k-instruct, and everything
 downstream treats it exactly like the real model. Two builds are byte-identical.
 """
 

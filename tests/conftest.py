@@ -74,6 +74,13 @@ def assert_failed_with(result: StepResult, message: str) -> None:
     assert mlflow.MlflowClient().get_run(result.run_id).info.status == "FAILED"
 
 
+def run_seconds(run_id: str) -> float:
+    """How long a step's run lasted as MLflow recorded it: from `mlflow run` creating it to the step ending
+    it, so the CLI's own start (seconds of imports, more with other tests running beside) is left out."""
+    info = mlflow.MlflowClient().get_run(run_id).info
+    return (info.end_time - info.start_time) / 1000
+
+
 def wait_for(what: str, found: Callable[[], object], timeout: float = 300) -> object:
     """Poll found() until it returns something true, and return that."""
     deadline = time.monotonic() + timeout
@@ -82,6 +89,15 @@ def wait_for(what: str, found: Callable[[], object], timeout: float = 300) -> ob
             return result
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules marked `long` first, each keeping pytest-randomly's shuffled order (it has run by now).
+
+    pytest-xdist gives each worker whole files in this order: a module of several minutes started
+    last would leave the other workers idle while it runs alone.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,9 @@ import mlflow
 import pytest
 from conftest import REPO
 
+# minutes of main chains, servers or benchmarks: started first (tests/conftest.py)
+pytestmark = pytest.mark.long
+
 
 def run_benchmark(name: str, args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     """`python -m benchmarks.<name> args` from outside the repository, as a user runs it."""

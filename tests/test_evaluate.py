@@ -32,6 +32,9 @@ from phi3flow.evaluation import (
 from phi3flow.registry import Candidate, ChampionMoved, Decision, apply, decide
 from steps import evaluate as evaluate_step
 
+# minutes of main chains, servers or benchmarks: started first (tests/conftest.py)
+pytestmark = pytest.mark.long
+
 BUNDLED_ROWS = len((PROJECT_ROOT / settings.BUNDLED_EVAL_FILE).read_text().splitlines())
 NAMES = {"pipeline_model_name": "eval-pipeline", "onnx_model_name": "eval-onnx"}
 # Names of their own: a failed evaluation must not change what the tests of the first evaluation find.

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 from conftest import REPO, assert_ok, mlflow_run, model_uri_of, step_env
 
-from phi3flow import onnx_model, settings
+from phi3flow import fetch, onnx_model, settings
 from phi3flow.artifacts import download_fetched_model
 from phi3flow.errors import UserError
 from phi3flow.fetch import manifest_of
@@ -64,6 +64,30 @@ def test_the_cache_is_keyed_by_the_sha256_of_the_runs_manifest(fetch_run_id, tmp
     other_entry = download_fetched_model(other_files.info.run_id, cache).path
     assert other_entry.parent == entry.parent and other_entry != entry
     assert (other_entry / "extra.json").is_file() and not (entry / "extra.json").exists()
+
+
+def test_a_builtin_member_is_built_once_and_a_damaged_entry_is_built_again(tmp_path, monkeypatch):
+    """main hashes the builtin model and fetch_model logs it: both read the cache's copy, not a new build."""
+    monkeypatch.setenv(settings.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    built, built_hash = fetch.builtin_folder("tiny-phi3", tmp_path / "first")
+    assert built == tmp_path / "first" / "tiny-phi3"
+    assert built_hash == fetch.content_hash(manifest_of(built))
+
+    cached, cached_hash = fetch.builtin_folder("tiny-phi3", tmp_path / "second")
+    assert cached.parent == tmp_path / "cache" / "builtin" and cached.name.startswith("tiny-phi3-")
+    assert not (tmp_path / "second").exists()  # nothing was built
+    assert cached_hash == built_hash and manifest_of(cached) == manifest_of(built)
+    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name, f"{cached.name}.sha256"]
+    # another member: another entry
+    fetch.builtin_folder("tiny-phi3.5", tmp_path / "other")
+    other, _ = fetch.builtin_folder("tiny-phi3.5", tmp_path / "other-again")
+    assert other.parent == cached.parent and other != cached and manifest_of(other) != manifest_of(cached)
+
+    (cached / "config.json").write_text("{}")  # damaged: built again, and the entry repaired
+    again, again_hash = fetch.builtin_folder("tiny-phi3", tmp_path / "third")
+    assert again == tmp_path / "third" / "tiny-phi3" and again_hash == built_hash
+    assert manifest_of(cached) == manifest_of(built)
+    assert fetch.builtin_folder("tiny-phi3", tmp_path / "fourth") == (cached, built_hash)
 
 
 def test_a_second_step_uses_the_cached_files_without_downloading_them(fetch_run_id, tracking_uri, tmp_path):

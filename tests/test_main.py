@@ -28,6 +28,9 @@ from conftest import BIN, REPO, StepResult, assert_ok, mlflow_run, step_env, wai
 from phi3flow import settings
 from phi3flow.chain import code_version
 
+# minutes of main chains, servers or benchmarks: started first (tests/conftest.py)
+pytestmark = pytest.mark.long
+
 BUNDLED = REPO / settings.BUNDLED_EVAL_FILE
 
 

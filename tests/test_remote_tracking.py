@@ -25,6 +25,9 @@ from servers import MlflowServer, postgres
 
 from phi3flow import settings
 
+# minutes of main chains, servers or benchmarks: started first (tests/conftest.py)
+pytestmark = pytest.mark.long
+
 ALICE, ALICE_PASSWORD = "alice", "alice-" + secrets.token_urlsafe(16)
 ADMIN, ADMIN_PASSWORD = "admin", "admin-" + secrets.token_urlsafe(16)
 ADMINS_MODEL = "phi3-onnx-admins"  # registered by the admin: other users may only read it
