@@ -25,7 +25,6 @@ class StepResult:
     returncode: int
     stdout: str
     stderr: str
-    seconds: float
     run_id: str | None
 
     @property
@@ -51,12 +50,10 @@ def mlflow_run(entry_point: str, params: dict[str, str], tracking_uri: str, time
     cmd = [str(BIN / "mlflow"), "run", str(project), "-e", entry_point, "--env-manager", "local"]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
-    start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=step_env(tracking_uri, **env),
                           stdin=subprocess.DEVNULL, cwd=cwd)
     found = re.search(r"Run \(ID '([0-9a-f]+)'\)", proc.stderr)
-    return StepResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start,
-                      found.group(1) if found else None)
+    return StepResult(proc.returncode, proc.stdout, proc.stderr, found.group(1) if found else None)
 
 
 def assert_ok(result: StepResult) -> str:

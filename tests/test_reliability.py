@@ -155,7 +155,7 @@ def test_a_tracking_server_outage_ends_a_step_with_one_line(tmp_path):
     step.wait(timeout=600)
     seconds = time.monotonic() - resumed
     print(f"the step ended {seconds:.1f} s after the server stopped")
-    result = StepResult(step.returncode, out.read_text(), err.read_text(), seconds, None)
+    result = StepResult(step.returncode, out.read_text(), err.read_text(), None)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert len(result.error_lines) == 1, result.stderr
