@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,10 @@ def step_memory(tmp_path_factory) -> dict:
     out = workdir / "step_memory.json"
     run_benchmark("step_memory", ["--num-layers", "3", "--baseline-layers", "1", "--dtype", "bfloat16",
                                   "--workdir", str(workdir), "--out", str(out)], workdir, timeout=1500)
+    # The checkpoints and the models logged from them: 6 GB the rest of the run has no use for (the
+    # report and the logs stay).
+    for bulk in ("models", "artifacts"):
+        shutil.rmtree(workdir / bulk)
     return json.loads(out.read_text())
 
 
