@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import mlflow_cli
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,12 +47,12 @@ def step_env(tracking_uri: str, **extra: str) -> dict[str, str]:
 
 def mlflow_run(entry_point: str, params: dict[str, str], tracking_uri: str, timeout: float = 900,
                project: Path = REPO, cwd: Path | None = None, **env: str) -> StepResult:
-    """`mlflow run . -e ENTRY -P k=v --env-manager local`, exactly as a user types it (from cwd)."""
-    cmd = [str(BIN / "mlflow"), "run", str(project), "-e", entry_point, "--env-manager", "local"]
+    """`mlflow run . -e ENTRY -P k=v --env-manager local`, exactly as a user types it (from cwd), in a
+    process forked with MLflow's command line already imported (tests/mlflow_cli.py)."""
+    argv = ["run", str(project), "-e", entry_point, "--env-manager", "local"]
     for key, value in params.items():
-        cmd += ["-P", f"{key}={value}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=step_env(tracking_uri, **env),
-                          stdin=subprocess.DEVNULL, cwd=cwd)
+        argv += ["-P", f"{key}={value}"]
+    proc = mlflow_cli.run(argv, step_env(tracking_uri, **env), cwd, timeout)
     found = re.search(r"Run \(ID '([0-9a-f]+)'\)", proc.stderr)
     return StepResult(proc.returncode, proc.stdout, proc.stderr, found.group(1) if found else None)
 
@@ -91,7 +92,8 @@ def wait_for(what: str, found: Callable[[], object], timeout: float = 300) -> ob
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The modules marked `long` first, each keeping pytest-randomly's shuffled order (it has run by now).
 
-    pytest-xdist gives each worker whole files in this order: a module of several minutes started
+    pytest-xdist gives each worker whole files in this order (`--no-loadscope-reorder` in pyproject.toml;
+    by default it hands out the files with the most tests first): a module of several minutes started
     last would leave the other workers idle while it runs alone.
     """
     items.sort(key=lambda item: item.get_closest_marker("long") is None)
