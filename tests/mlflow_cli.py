@@ -10,6 +10,7 @@ server imports nothing else and never opens a tracking store, so every child sta
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -58,7 +59,8 @@ def run(argv: list[str], env: dict[str, str], cwd: Path | None, timeout: float) 
         child.start()
         child.join(timeout)
         if child.exitcode is None:
-            os.killpg(child.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # its group may have ended meanwhile
+                os.killpg(child.pid, signal.SIGKILL)
             child.join()
             raise subprocess.TimeoutExpired(["mlflow", *argv], timeout, stdout.read_text(), stderr.read_text())
         return subprocess.CompletedProcess(["mlflow", *argv], child.exitcode, stdout.read_text(), stderr.read_text())
