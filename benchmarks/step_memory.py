@@ -8,7 +8,8 @@ the peak RSS of its process tree sampled every 0.2 s, the larger as a ratio to t
 (sum of *.safetensors sizes), the peak anonymous RSS, wall time, and the RSS at every line the
 step printed. Each step's run ID and logged model come from the tracking store.
 
-Requirement checked: every step's peak RSS <= 1.5 x the weight bytes.
+Requirement checked: every step's peak RSS <= 1.5 x the weight bytes. With --check the exit status
+says whether it is met (1: a step is over), on the marginal ratio below when there is a baseline.
 
 With --baseline-layers N the same steps first run on the same checkpoint with N (fewer) layers.
 Each step is then also reported as (peak - its peak at N layers) / (weight bytes - the weight bytes
@@ -24,7 +25,7 @@ Everything it writes (model, tracking store, artifacts, logs) goes under --workd
 
     python -m benchmarks.step_memory                        # 4 layers, float32
     python -m benchmarks.step_memory --dtype bfloat16 --steps log_pipeline
-    python -m benchmarks.step_memory --num-layers 3 --dtype bfloat16 --baseline-layers 1   # the scaled check
+    python -m benchmarks.step_memory --num-layers 3 --dtype bfloat16 --baseline-layers 1 --check   # the scaled gate
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -97,6 +99,9 @@ def main() -> None:
     parser.add_argument("--baseline-layers", type=int, default=None,
                         help="also run the steps with this many layers and report each step's peak difference "
                              "per weight byte")
+    parser.add_argument("--check", action="store_true",
+                        help=f"exit with status 1 when a step's ratio (the marginal one with --baseline-layers) is "
+                             f"over {LIMIT}")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--tracking-uri", default=None, help="default sqlite:///<workdir>/mlflow.db")
     parser.add_argument("--experiment", default="step-memory")
@@ -176,6 +181,20 @@ def main() -> None:
             print(f"  {p['t_s']:7.1f}s  rss {gb(p['rss'])}  anon {gb(p['anon'])}  "
                   f"peak {gb(p['peak_until_next'])} (anon {gb(p['peak_anon_until_next'])})  | {p['line'][:100]}")
     print(f"\nwrote {args.out}")
+    if args.check:
+        sys.exit(check(results, weights, bool(baseline)))
+
+
+def check(results: dict[str, dict], weights: int, marginal: bool) -> int:
+    """One verdict line per step; 1 when one is over the limit (the exit status of --check)."""
+    which = "peak difference / weight difference" if marginal else "peak / weights"
+    missed = 0
+    for step, record in results.items():
+        ratio = record["marginal_ratio"] if marginal else peak(record) / weights
+        over = ratio > LIMIT
+        missed |= over
+        print(f"check {step}: {which} {ratio:.2f} {'>' if over else '<='} {LIMIT}: {'MISSED' if over else 'met'}")
+    return int(missed)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import mlflow
 import mlflow_cli
 import pytest
 
+from phi3flow import settings
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's `mlflow` and `python`
 
@@ -149,6 +151,22 @@ def in_fresh_process(code: str, tracking_uri: str) -> object:
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ask_champion(tracking_uri: str, name: str) -> None:
+    """A process in another directory loads `models:/NAME@champion` through tracking_uri (a server:
+    the model is downloaded afresh through it) and asks it the seed question."""
+    answer = in_fresh_process(
+        f"""
+import json, mlflow
+model = mlflow.pyfunc.load_model("models:/{name}@{settings.CHAMPION_ALIAS}")
+print(json.dumps(model.predict({{"messages": [{{"role": "user", "content": "{settings.SEED_QUESTION}"}}], """
+        '"max_tokens": 8})))\n',
+        tracking_uri,
+    )
+    assert answer[0]["object"] == "chat.completion"
+    assert answer[0]["model"] == settings.BUILTIN_TINY
+    assert 1 <= answer[0]["usage"]["completion_tokens"] <= 8
 
 
 @pytest.fixture(scope="session")

@@ -5,17 +5,15 @@ steps, the raw onnxruntime-genai loop, both pyfunc models, `mlflow models serve`
 probe. Its numbers are checked for sanity only (present, positive, consistent with each other),
 never against speed targets.
 
-The step-memory benchmark runs main's steps on Phi-3-mini-shaped checkpoints of 1 and 3 layers at
-full width (0.62 and 1.07 GB of bf16 weights) and checks the memory goal scaled down (see
-benchmarks/README.md): what each byte of decoder layers adds to a step's peak RSS stays within the
-1.5x that bounds the whole peak at full size.
+The steps' memory goal is a gate of its own, `python -m benchmarks.step_memory --num-layers 3
+--baseline-layers 1 --dtype bfloat16 --check` (4 minutes of full-width checkpoints; see
+benchmarks/README.md), not a test.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,33 +99,3 @@ def test_smoke_is_logged_to_mlflow(smoke, tracking_uri):
     assert run.data.metrics["read_gb_s"] > 0
     names = {f.path for f in client.list_artifacts(run_id)}
     assert names == {"benchmark.json", "benchmark.md", "benchmark.png"}
-
-
-MAIN_STEPS = ["fetch_model", "log_pipeline", "log_onnx_wrapper", "evaluate"]
-
-
-@pytest.fixture(scope="module")
-def step_memory(tmp_path_factory) -> dict:
-    workdir = tmp_path_factory.mktemp("step-memory")
-    out = workdir / "step_memory.json"
-    run_benchmark("step_memory", ["--num-layers", "3", "--baseline-layers", "1", "--dtype", "bfloat16",
-                                  "--workdir", str(workdir), "--out", str(out)], workdir, timeout=1500)
-    # The checkpoints and the models logged from them: 6 GB the rest of the run has no use for (the
-    # report and the logs stay).
-    for bulk in ("models", "artifacts"):
-        shutil.rmtree(workdir / bulk)
-    return json.loads(out.read_text())
-
-
-def test_each_step_costs_at_most_1_5x_the_bytes_of_its_layers(step_memory):
-    """(peak at 3 layers - peak at 1 layer) / (weights at 3 layers - at 1 layer), per step: the fixed
-    cost of the step's processes and the layer-independent tensors cancel, measured on the same step."""
-    weight_difference = step_memory["model"]["weight_bytes"] - step_memory["baseline"]["weight_bytes"]
-    # two full-width bf16 layers: large against the noise of a process's RSS (tens of MB)
-    assert weight_difference > 400e6
-    assert set(step_memory["steps"]) == set(MAIN_STEPS)
-    for step in MAIN_STEPS:
-        record, baseline = step_memory["steps"][step], step_memory["baseline"]["steps"][step]
-        assert record["baseline_peak_bytes"] == max(baseline["peak_rss_bytes"],
-                                                    baseline["sampled_peak_tree_rss_bytes"]) > 100e6
-        assert record["marginal_ratio"] <= step_memory["limit_ratio"] == 1.5, (step, record["marginal_ratio"])

@@ -1,6 +1,7 @@
 """The `main` entry point: chained step runs, the cache for scheduled reruns, faults, the cron wrapper.
 
-The tests share one clean git copy of the project and one experiment, like successive scheduled
+The tests share one clean git copy of the project and one experiment on a team's tracking server (a
+real `mlflow server`, its artifacts proxied, restarted between two reruns), like successive scheduled
 runs of the same flow. The runs they examine are stages, module fixtures that each build on the one
 before (first run, changed parameter, forced and interrupted, rerun, hard kill), so the runs happen in
 that order whatever order the tests run in, and each test also runs alone. Each stage records the step
@@ -18,12 +19,13 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import BIN, REPO, StepResult, assert_ok, mlflow_run, step_env, wait_for
+from conftest import BIN, REPO, StepResult, ask_champion, assert_ok, mlflow_run, step_env, wait_for
+from servers import MlflowServer
 
 from phi3flow import settings
 from phi3flow.chain import code_version
@@ -68,9 +70,47 @@ def params(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def experiment_id(tracking_uri, tmp_path_factory) -> str:
+def server(tmp_path_factory) -> Iterator[MlflowServer]:
+    """The team's tracking server: a sqlite store behind `mlflow server`, artifacts through it."""
+    root = tmp_path_factory.mktemp("main-server")
+    with MlflowServer(root, f"sqlite:///{root}/mlflow.db") as running:
+        yield running
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tracking_uri(tracking_uri, server) -> Iterator[str]:
+    """This module's MLflow calls and runs go to the server; the session's store comes back after it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", server.url)
+        mlflow.set_tracking_uri(server.url)
+        yield server.url
+    mlflow.set_tracking_uri(tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def experiment_id(tracking_uri) -> str:
     """An experiment of its own, so that counting step runs counts only this flow's."""
-    return mlflow.create_experiment("main-flow", artifact_location=str(tmp_path_factory.mktemp("main-artifacts")))
+    return mlflow.create_experiment("main-flow")
+
+
+def snapshot(experiment_id: str) -> dict:
+    """Everything a user can read back: runs with params, tags and artifact files; the registry."""
+    client = mlflow.MlflowClient()
+
+    def files(run_id: str, path: str | None = None) -> list[tuple[str, int | None]]:
+        found = []
+        for info in client.list_artifacts(run_id, path):
+            found += files(run_id, info.path) if info.is_dir else [(info.path, info.file_size)]
+        return found
+
+    return {
+        "runs": {
+            run.info.run_id: (run.info.status, run.data.params, run.data.tags, files(run.info.run_id))
+            for run in client.search_runs([experiment_id], max_results=1000)
+        },
+        "versions": {(v.name, v.version): (v.run_id, v.source, v.status) for v in client.search_model_versions()},
+        "aliases": {m.name: m.aliases for m in client.search_registered_models()},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +193,7 @@ def first_main(run_main, params, experiment_id) -> Stage:
     return _run_stage(run_main, experiment_id, params)
 
 
-def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, experiment_id):
+def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, experiment_id, server):
     client = mlflow.MlflowClient()
     result, created = first_main.result, first_main.new_step_runs
     main = client.get_run(result.run_id)
@@ -166,6 +206,7 @@ def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, 
     for ep, run in runs.items():
         assert run.info.status == "FINISHED"
         assert run.info.run_name == ep
+        assert run.info.artifact_uri == f"mlflow-artifacts:/{experiment_id}/{run.info.run_id}/artifacts"
         assert run.data.tags["mlflow.project.entryPoint"] == ep
         assert run.data.tags["mlflow.parentRunId"] == result.run_id
         assert run.data.tags["mlflow.source.git.commit"] == commit
@@ -188,6 +229,14 @@ def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, 
         (ep, steps[ep], False) for ep in settings.MAIN_STEPS
     ]
     assert f"main run {result.run_id}: 4 steps run, 0 reused" in result.stdout
+    # The files went through the server into its --artifacts-destination.
+    fetched = server.artifacts / experiment_id / steps["fetch_model"] / "artifacts"
+    assert (fetched / settings.MANIFEST_FILE).is_file()
+    assert (fetched / settings.MODEL_ARTIFACT_DIR / "model.safetensors").is_file()
+    # The champion is registered on the server and loads by alias in a process elsewhere.
+    name, version = runs["evaluate"].data.tags[settings.TAG_CHAMPION].split("/")
+    assert client.get_model_version_by_alias(name, settings.CHAMPION_ALIAS).version == version
+    ask_champion(server.url, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,11 +342,15 @@ def test_dirty_tree_never_reuses_and_a_hard_kill_leaves_runs_running(hard_killed
     assert list(hard_killed_main.statuses.values()) == ["RUNNING", "RUNNING"]
 
 
-def test_scheduled_noop_rerun_reuses_every_step_and_ends_stale_runs(hard_killed_main, rerun_after_a_kill, project,
-                                                                    params, experiment_id, tracking_uri, tmp_path):
+def test_server_restart_then_a_scheduled_noop_rerun_reuses_every_step_and_ends_stale_runs(
+        hard_killed_main, rerun_after_a_kill, project, params, experiment_id, tracking_uri, server, tmp_path):
     client = mlflow.MlflowClient()
     stale = list(hard_killed_main.statuses)
     existing = set(_step_runs(experiment_id))
+    before = snapshot(experiment_id)
+    server.stop()
+    server.start()  # same port, same sqlite file, same artifact folder
+    assert snapshot(experiment_id) == before
     start = time.monotonic()
     proc = _scheduled(project, tracking_uri, experiment_id, tmp_path, *(f"-P{k}={v}" for k, v in params.items()))
     seconds = time.monotonic() - start
@@ -312,6 +365,12 @@ def test_scheduled_noop_rerun_reuses_every_step_and_ends_stale_runs(hard_killed_
     for run_id in stale:
         run = client.get_run(run_id)
         assert run.info.status == "KILLED" and settings.TAG_STALE in run.data.tags
+    # The rerun added its main run and changed nothing else but the stale runs' status.
+    after = snapshot(experiment_id)
+    assert set(after["runs"]) == set(before["runs"]) | {main_id}
+    assert {k: v for k, v in after["runs"].items() if k not in (main_id, *stale)} == {
+        k: v for k, v in before["runs"].items() if k not in stale}
+    assert after["versions"] == before["versions"] and after["aliases"] == before["aliases"]
 
 
 def _scheduled(project: Path, tracking_uri: str, experiment_id: str, tmp_path: Path,
