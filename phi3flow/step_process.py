@@ -27,8 +27,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import mlflow
-
 from phi3flow import output, settings
 from phi3flow.errors import UserError
 
@@ -79,6 +77,8 @@ def start() -> None:
     use_private_tmp()
     run_id = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run` and mlflow.projects.run
     if run_id:
+        import mlflow  # here: the conversion process imports this module for die_with_parent alone
+
         mlflow.MlflowClient().set_tag(run_id, settings.TAG_OWNER, owner())
 
 
