@@ -45,8 +45,8 @@ def run_step(main: Callable[[], None]) -> None:
     """Run a step's main function; a user's mistake is printed as one line on stderr and exits 1.
 
     The process ends right after: its heap is frozen first (gc.freeze), so that Python's shutdown does
-    not walk the objects of torch, transformers and MLflow looking for cycles to collect, 1 to 1.5 s of
-    every step's end. Exit handlers still run (MLflow's included); only cyclic garbage is left to the OS.
+    not walk the objects of torch, transformers and MLflow looking for cycles to collect (about 1.7 s
+    of every step's end). Exit handlers still run (MLflow's included); only cyclic garbage is left to the OS.
 
     The mistakes: a UserError, an interrupt, a tracking server refusing the user's credentials or
     permissions, or one that does not answer. Before main, the process is set up (step_process.start).
