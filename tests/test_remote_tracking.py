@@ -30,6 +30,7 @@ pytestmark = pytest.mark.long
 ALICE, ALICE_PASSWORD = "alice", "alice-" + secrets.token_urlsafe(16)
 ADMIN, ADMIN_PASSWORD = "admin", "admin-" + secrets.token_urlsafe(16)
 ADMINS_MODEL = "phi3-onnx-admins"  # registered by the admin: other users may only read it
+ALICES_MODEL = "phi3-onnx-alice"  # registered by her log_onnx_wrapper run
 
 
 @contextmanager
@@ -109,7 +110,7 @@ def alice(auth_server, tmp_path_factory) -> Flow:
         experiment_id = mlflow.MlflowClient(auth_server.url).create_experiment("alice")
     env = {"MLFLOW_TRACKING_USERNAME": ALICE, "MLFLOW_TRACKING_PASSWORD": ALICE_PASSWORD,
            "MLFLOW_EXPERIMENT_ID": experiment_id}
-    return fetch_and_wrap(auth_server.url, env, tmp_path_factory, "phi3-onnx-alice")
+    return fetch_and_wrap(auth_server.url, env, tmp_path_factory, ALICES_MODEL)
 
 
 def _alice_runs(url: str, experiment_id: str) -> list:
@@ -122,7 +123,7 @@ def test_steps_run_with_credentials_and_the_password_is_stored_nowhere(auth_serv
     runs = [r for r in _alice_runs(auth_server.url, alice.experiment_id) if r.info.run_id in (alice.fetch, alice.onnx)]
     assert {r.info.run_id: r.info.status for r in runs} == {alice.fetch: "FINISHED", alice.onnx: "FINISHED"}
     with as_user(ALICE, ALICE_PASSWORD):
-        versions = mlflow.MlflowClient(auth_server.url).search_model_versions("name='phi3-onnx-alice'")
+        versions = mlflow.MlflowClient(auth_server.url).search_model_versions(f"name='{ALICES_MODEL}'")
     assert [v.run_id for v in versions] == [alice.onnx]
     recorded = [value for r in runs for value in (*r.data.params.values(), *r.data.tags.values(), r.info.run_name)]
     recorded += [value for v in versions for value in (*v.tags.values(), v.source)]
@@ -200,6 +201,6 @@ def test_steps_hand_over_run_ids_only_postgres_holds_the_runs_and_the_champion_l
             assert dict(cursor.fetchall()) == {alice.fetch: "FINISHED", alice.onnx: "FINISHED"}
         conn.close()
         # Register + alias by hand (main's evaluate step does it otherwise); load it by alias elsewhere.
-        [version] = [v.version for v in client.search_model_versions("name='phi3-onnx-alice'")]
-        client.set_registered_model_alias("phi3-onnx-alice", settings.CHAMPION_ALIAS, version)
-        ask_champion(auth_server.url, "phi3-onnx-alice")
+        [version] = [v.version for v in client.search_model_versions(f"name='{ALICES_MODEL}'")]
+        client.set_registered_model_alias(ALICES_MODEL, settings.CHAMPION_ALIAS, version)
+        ask_champion(auth_server.url, ALICES_MODEL)
