@@ -9,6 +9,7 @@ version of one of them is the champion.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import mlflow
@@ -140,8 +141,10 @@ def apply(decision: Decision, names: list[str], expected: ModelVersion | None) -
     name) only if it still points at expected, the champion this evaluation compared against.
 
     ChampionMoved when it does not. The registry has no atomic compare-and-set for aliases: the check
-    runs just before the move and again just after it, which leaves one request's time in which two
-    promotions can cross unseen (both then see the other's move afterwards and re-measure).
+    runs just before the move and again PROMOTION_SETTLE_S after it (at once when the alias stays).
+    Two promotions whose moves cross both find the alias moved and re-measure; one whose move lands
+    after the other's final check still passes unseen, which needs a stall of more than
+    PROMOTION_SETTLE_S between its own check and its move.
     """
     client = mlflow.MlflowClient()
     current = current_champion(names)
@@ -155,6 +158,10 @@ def apply(decision: Decision, names: list[str], expected: ModelVersion | None) -
                 client.delete_registered_model_alias(name, settings.CHAMPION_ALIAS)
             except MlflowException:  # that model never held it
                 pass
+    if not _same_holder(current, winner):
+        # a move by another evaluation that checked before ours did lands by now (a move only: keeping
+        # the champion leaves nothing that another promotion could have been decided against)
+        time.sleep(settings.PROMOTION_SETTLE_S)
     now = current_champion(names)
     if not _same_holder(now, winner):
         raise ChampionMoved(winner, now)

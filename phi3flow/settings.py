@@ -177,6 +177,11 @@ PROMOTION_ATTEMPTS = 3  # how often evaluate re-measures a champion that moved m
 # Before deciding again, a random wait of up to this many seconds: two evaluations whose alias moves crossed
 # (each took the other's alias off) would otherwise retry in lockstep and cross again every time.
 PROMOTION_RETRY_MAX_WAIT_S = 3.0
+# The final check of a promotion comes this long after the alias moved. Another evaluation that found no
+# move in its own first check moves the alias within a few requests of it; on a loaded machine those few
+# requests took longer than the promotion's own move and checks, and both promotions then passed. Waiting
+# makes that need a stall of more than this between two requests of one evaluation.
+PROMOTION_SETTLE_S = 2.0
 EVAL_MAX_ROWS = 1000  # evaluate refuses larger sets unless max_rows is raised: each row is one request per model
 EVAL_PROGRESS_EVERY_S = 10.0  # how often evaluate prints its progress and the time it expects to need
 COMPARISON_DIGITS = 4  # significant digits of the numbers in descriptions and the comparison tables

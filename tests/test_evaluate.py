@@ -12,7 +12,7 @@ import matplotlib.image
 import mlflow
 import pandas as pd
 import pytest
-from conftest import assert_failed_with, assert_ok, assert_step_fails_with, mlflow_run
+from conftest import assert_failed_with, assert_ok, assert_step_fails_with, mlflow_run, wait_for
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from servers import MlflowServer
@@ -245,7 +245,7 @@ def server(tracking_uri, tmp_path_factory):
         yield running
 
 
-def test_promotion_is_a_compare_and_set(server, tracking_uri):
+def test_promotion_is_a_compare_and_set(server, tracking_uri, monkeypatch):
     mlflow.set_tracking_uri(server.url)
     try:
         client = mlflow.MlflowClient()
@@ -264,6 +264,17 @@ def test_promotion_is_a_compare_and_set(server, tracking_uri):
         assert _alias_holder(["cas-model"]) == ["cas-model/1"]  # not moved
         promote(second, first)  # decided against the real champion
         assert _alias_holder(["cas-model"]) == ["cas-model/2"]
+
+        # Another promotion that checked before this one's move (it too found cas-model/2) moves the alias
+        # right after it: the final check, PROMOTION_SETTLE_S after the move, sees that.
+        monkeypatch.setattr(settings, "PROMOTION_SETTLE_S", 5.0)  # margin for a loaded machine
+        third = client.create_model_version("cas-model", source, holder.info.run_id)
+        with ThreadPoolExecutor(1) as pool:
+            promoting = pool.submit(promote, third, second)
+            wait_for("the move to cas-model/3", lambda: _alias_holder(["cas-model"]) == ["cas-model/3"], timeout=60)
+            client.set_registered_model_alias("cas-model", settings.CHAMPION_ALIAS, first.version)
+            with pytest.raises(ChampionMoved, match="the champion moved from cas-model/3 to cas-model/1"):
+                promoting.result()
     finally:
         mlflow.set_tracking_uri(tracking_uri)
 
