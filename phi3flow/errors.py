@@ -10,11 +10,11 @@ import gc
 import os
 import re
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:
+    import click
     from mlflow.exceptions import MlflowException
 
 
@@ -41,8 +41,8 @@ def auth_error_message(exc: MlflowException) -> str:
             f"set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD ({detail})")
 
 
-def run_step(main: Callable[[], None]) -> None:
-    """Run a step's main function; a user's mistake is printed as one line on stderr and exits 1.
+def run_step(main: click.Command) -> None:
+    """Run a step's click command; a user's mistake is printed as one line on stderr and exits 1.
 
     The process ends right after: its heap is frozen first (gc.freeze), so that Python's shutdown does
     not walk the objects of torch, transformers and MLflow looking for cycles to collect (about 1.7 s
@@ -53,16 +53,22 @@ def run_step(main: Callable[[], None]) -> None:
     Steps open their MLflow run with `with mlflow.start_run()`, so the run is already marked FAILED
     when the error reaches this point (when the server lets us).
     """
+    import click
     from mlflow.exceptions import MlflowException
 
     from phi3flow import step_process  # it raises UserError: imported here, not in a cycle
 
     try:
         step_process.start()
-        main()
+        # Not click's standalone mode: it would print "Aborted!" for an interrupt and exit by itself, and
+        # an interrupt that came before the step's `with mlflow.start_run()` would leave the run RUNNING.
+        exit_code = main.main(standalone_mode=False)
+    except click.ClickException as exc:  # a bad option: click's own usage message and exit status
+        exc.show()
+        sys.exit(exc.exit_code)
     except UserError as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, click.Abort):  # click raises Abort for the KeyboardInterrupt it caught
         _end_run_failed()
         _fail("interrupted (Ctrl-C, SIGTERM, or the process that started this step ended): the run was marked FAILED")
     except MlflowException as exc:
@@ -74,6 +80,7 @@ def run_step(main: Callable[[], None]) -> None:
         _fail(outage)
     finally:
         gc.freeze()
+    sys.exit(exit_code or 0)  # --help, or a command that ends with ctx.exit(n)
 
 
 def _auth_refusal(exc: BaseException | None) -> MlflowException | None:

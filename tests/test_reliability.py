@@ -98,6 +98,24 @@ def test_a_killed_scheduled_run_keeps_the_lock_until_all_of_it_has_ended(experim
     assert client.get_run(_newest_run(experiment_id, "fetch_model").info.run_id).info.status == "FAILED"
 
 
+def test_an_interrupt_before_the_steps_own_run_context_ends_the_run_failed_with_one_line(experiment_id, tracking_uri):
+    """A SIGTERM can land while a step resumes the run `mlflow run` made for it, before its `with
+    mlflow.start_run()`: run_step ends that run FAILED itself and prints its one line (not click's "Aborted!")."""
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(experiment_id).info.run_id
+    code = ("import click\nfrom phi3flow.errors import run_step\n"
+            "@click.command()\ndef main():\n    raise KeyboardInterrupt  # what the step's SIGTERM handler raises\n"
+            "run_step(main)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=step_env(tracking_uri, MLFLOW_RUN_ID=run_id, PYTHONPATH=str(REPO)),
+                          stdin=subprocess.DEVNULL)
+    result = StepResult(proc.returncode, proc.stdout, proc.stderr, run_id)
+    assert result.returncode == 1
+    assert [line.startswith("error: interrupted") for line in result.error_lines] == [True], result.stderr
+    assert "Aborted" not in result.stderr and "Traceback" not in result.stderr
+    assert client.get_run(run_id).info.status == "FAILED"
+
+
 def test_a_step_stops_with_its_cli_and_a_hard_kill_is_swept(experiment_id, tracking_uri, tmp_path):
     tmp_root = tmp_path / "tmp"
     env = step_env(tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id, PHI3FLOW_TMP_ROOT=str(tmp_root))
