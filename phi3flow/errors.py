@@ -128,15 +128,19 @@ def _end_run_failed() -> None:
     """End the run `mlflow run` made for this process FAILED, if it is still RUNNING.
 
     The step's `with mlflow.start_run()` does that for an interrupt inside it; one that arrives before
-    (while the process starts) would leave the run RUNNING when `mlflow run` itself is gone (killed
-    with its main) and cannot end it. Best effort: with the tracking server down, the next main's
-    sweep of stale runs ends it instead, and the one-line message still comes first.
+    (while the process starts, or while start_run resumes the run) would leave the run RUNNING when
+    `mlflow run` itself is gone (killed with its main) and cannot end it. Best effort: with the
+    tracking server down, the next main's sweep of stale runs ends it instead, and the one-line
+    message still comes first.
     """
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return
     import mlflow
     from mlflow.exceptions import MlflowException
+
+    from phi3flow import step_process
+
+    run_id = step_process.started_run_id()
+    if not run_id:
+        return
 
     client = mlflow.MlflowClient()
     try:

@@ -2,7 +2,7 @@
 stopped and cleaned up whoever started it and whichever of its processes was killed.
 
 - It stops when the process that started it ends (its `mlflow run` CLI, or main), and SIGTERM ends
-  its run FAILED like Ctrl-C does.
+  its run FAILED like Ctrl-C does, wherever the interrupt lands.
 - Its owner ("<host>:<pid>") is recorded on its run, so a later main marks it KILLED if it was
   left RUNNING by a hard kill.
 - Tracking-server requests give up after a bounded number of retries (settings.TRACKING_HTTP_DEFAULTS).
@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from phi3flow import output, settings
@@ -33,6 +34,9 @@ from phi3flow.errors import UserError
 LOCK_REFUSED = "another run of main is in progress"  # the start of main's one line when the lock is held
 _held_locks: list[int] = []  # open file descriptors: a flock lasts as long as its descriptor is open
 _started = False
+# The run `mlflow run` made for this process (MLFLOW_RUN_ID): mlflow.start_run() takes the variable out
+# of the environment before the run is active, so an interrupt in between would leave nothing to end.
+_run_id: str | None = None
 
 
 def owner() -> str:
@@ -64,7 +68,7 @@ def _alive(pid: int) -> bool:
 
 def start() -> None:
     """Everything above, once per process."""
-    global _started
+    global _started, _run_id
     if _started:
         return
     _started = True
@@ -73,20 +77,61 @@ def start() -> None:
     output.quiet_progress_bars()
     die_with_parent()
     signal.signal(signal.SIGTERM, _interrupt)
+    sys.unraisablehook = _raise_swallowed_interrupt
     share_run_lock()
     use_private_tmp()
-    run_id = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run` and mlflow.projects.run
-    if run_id:
+    _run_id = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run` and mlflow.projects.run
+    if _run_id:
         import mlflow  # here: the conversion process imports this module for die_with_parent alone
 
-        mlflow.MlflowClient().set_tag(run_id, settings.TAG_OWNER, owner())
+        mlflow.MlflowClient().set_tag(_run_id, settings.TAG_OWNER, owner())
+
+
+def started_run_id() -> str | None:
+    """The run `mlflow run` made for this step process, if start() found one."""
+    return _run_id
 
 
 def _interrupt(signum: int, frame: object) -> None:
     # SIGTERM (cron timeouts, systemd, kill, the parent's death) takes the same path as Ctrl-C: the
     # step's `with mlflow.start_run()` ends its run FAILED instead of leaving it RUNNING.
+    if _in_unraisable_hook:  # raised here, it would be dropped as well
+        _interrupt_soon()
+        return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
     raise KeyboardInterrupt
+
+
+_in_unraisable_hook = False
+
+
+def _raise_swallowed_interrupt(unraisable: sys.UnraisableHookArgs) -> None:
+    """sys.unraisablehook: raise again an interrupt that Python swallowed.
+
+    An exception raised inside a weakref callback or a __del__ is printed as "Exception ignored" and
+    dropped, and garbage collection runs those anywhere (SQLAlchemy's, while a step talks to its
+    tracking store). A SIGTERM that lands there would be lost: the step would work on to the end with
+    the process that started it gone. The signal is sent to the main thread again.
+    """
+    global _in_unraisable_hook
+    interrupt = isinstance(unraisable.exc_value, KeyboardInterrupt)
+    if not interrupt or threading.current_thread() is not threading.main_thread():
+        sys.__unraisablehook__(unraisable)
+        return
+    _in_unraisable_hook = True
+    try:
+        signal.signal(signal.SIGTERM, _interrupt)
+        _interrupt_soon()
+    finally:
+        _in_unraisable_hook = False
+
+
+def _interrupt_soon() -> None:
+    """SIGTERM to the main thread, from another thread in a moment: a real signal, so that a blocking call
+    of the main thread is interrupted too."""
+    sender = threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signal.SIGTERM))
+    sender.daemon = True
+    sender.start()
 
 
 def die_with_parent() -> None:

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import mlflow
+import mlflow_cli
 import pytest
-from conftest import BIN, REPO, StepResult, assert_failed_with, mlflow_run, step_env, wait_for
+from conftest import REPO, StepResult, assert_failed_with, mlflow_run, step_env, wait_for
 from servers import MlflowServer
 
 from phi3flow import chain, settings, step_process
@@ -53,9 +54,10 @@ def _newest_run(experiment_id: str, entry_point: str) -> mlflow.entities.Run:
 
 
 @pytest.fixture
-def experiment_id(tracking_uri, tmp_path) -> str:
-    """An experiment of its own: main's lock is per tracking server and experiment."""
-    return mlflow.create_experiment(f"reliability-{tmp_path.name}", artifact_location=str(tmp_path / "artifacts"))
+def experiment_id(tracking_uri, tmp_path, request) -> str:
+    """An experiment of its own: main's lock is per tracking server and experiment. (Named after the test:
+    a passing test's tmp_path is removed at once, so its numbered name comes back.)"""
+    return mlflow.create_experiment(f"reliability-{request.node.name}", artifact_location=str(tmp_path / "artifacts"))
 
 
 def test_a_killed_scheduled_run_keeps_the_lock_until_all_of_it_has_ended(experiment_id, tracking_uri, tmp_path):
@@ -98,34 +100,62 @@ def test_a_killed_scheduled_run_keeps_the_lock_until_all_of_it_has_ended(experim
     assert client.get_run(_newest_run(experiment_id, "fetch_model").info.run_id).info.status == "FAILED"
 
 
-def test_an_interrupt_before_the_steps_own_run_context_ends_the_run_failed_with_one_line(experiment_id, tracking_uri):
-    """A SIGTERM can land while a step resumes the run `mlflow run` made for it, before its `with
-    mlflow.start_run()`: run_step ends that run FAILED itself and prints its one line (not click's "Aborted!")."""
+# Where a SIGTERM can land in a step: the body of a step's click command, run by run_step.
+INTERRUPTS = {
+    # while the step resumes the run `mlflow run` made for it, before its `with mlflow.start_run()`
+    "before the run context": "raise KeyboardInterrupt  # what the step's SIGTERM handler raises",
+    # inside start_run itself, which has already taken MLFLOW_RUN_ID out of the environment
+    "while start_run resumes the run": """
+    get_run = mlflow.MlflowClient.get_run
+    def interrupted(self, run_id):
+        mlflow.MlflowClient.get_run = get_run
+        raise KeyboardInterrupt
+    mlflow.MlflowClient.get_run = interrupted
+    with mlflow.start_run():
+        time.sleep(600)""",
+    # inside a weakref callback (SQLAlchemy's, during garbage collection), where Python ignores exceptions
+    "inside a weakref callback": """
+    class Thing: pass
+    def callback(ref):
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(100_000))  # the handler runs here, and its KeyboardInterrupt is "ignored"
+    thing = Thing()
+    ref = weakref.ref(thing, callback)
+    with mlflow.start_run():
+        del thing
+        time.sleep(600)  # a step at work""",
+}
+
+
+@pytest.mark.parametrize("where", INTERRUPTS)
+def test_an_interrupt_anywhere_in_a_step_ends_its_run_failed_with_one_line(where, experiment_id, tracking_uri):
+    """A SIGTERM ends the step and its run FAILED with run_step's one line (not click's "Aborted!"), wherever
+    it lands: before the step's `with mlflow.start_run()`, inside it, or where Python drops exceptions."""
     client = mlflow.MlflowClient()
     run_id = client.create_run(experiment_id).info.run_id
-    code = ("import click\nfrom phi3flow.errors import run_step\n"
-            "@click.command()\ndef main():\n    raise KeyboardInterrupt  # what the step's SIGTERM handler raises\n"
-            "run_step(main)\n")
+    code = ("import os, signal, time, weakref\nimport click, mlflow\nfrom phi3flow.errors import run_step\n"
+            f"@click.command()\ndef main():\n    {INTERRUPTS[where].strip()}\nrun_step(main)\n")
+    start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
                           env=step_env(tracking_uri, MLFLOW_RUN_ID=run_id, PYTHONPATH=str(REPO)),
                           stdin=subprocess.DEVNULL)
+    assert time.monotonic() - start < 120, "the step worked on after the interrupt"
     result = StepResult(proc.returncode, proc.stdout, proc.stderr, run_id)
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stderr
     assert [line.startswith("error: interrupted") for line in result.error_lines] == [True], result.stderr
     assert "Aborted" not in result.stderr and "Traceback" not in result.stderr
+    assert "Exception ignored" not in result.stderr
     assert client.get_run(run_id).info.status == "FAILED"
 
 
 def test_a_step_stops_with_its_cli_and_a_hard_kill_is_swept(experiment_id, tracking_uri, tmp_path):
     tmp_root = tmp_path / "tmp"
     env = step_env(tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id, PHI3FLOW_TMP_ROOT=str(tmp_root))
-    cmd = [str(BIN / "mlflow"), "run", str(REPO), "-e", "fetch_model", "--env-manager", "local", "-P",
-           f"model_id={settings.BUILTIN_TINY}"]
+    argv = ["run", str(REPO), "-e", "fetch_model", "--env-manager", "local", "-P", f"model_id={settings.BUILTIN_TINY}"]
     client = mlflow.MlflowClient()
 
-    def start() -> tuple[subprocess.Popen, int]:
-        cli = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               stdin=subprocess.DEVNULL, start_new_session=True)
+    def start() -> tuple[mlflow_cli.Spawned, int]:
+        cli = mlflow_cli.spawn(argv, tmp_path / "cli.log", env, REPO)
         return cli, _step_pid(experiment_id, "fetch_model")
 
     # SIGTERM to the CLI alone (`kill <pid>` of `mlflow run`): the step stops too and ends its run FAILED.
