@@ -136,6 +136,13 @@ def tiny_onnx_fp32(tiny_dir: Path, tmp_path_factory) -> Path:
     return convert(tiny_dir, tmp_path_factory.mktemp("onnx") / "fp32", precision="fp32")
 
 
+def bundled_rows(path: Path, rows: int) -> str:
+    """The first rows of the bundled evaluation set written to path: evaluate's cost grows with every row."""
+    lines = (REPO / settings.BUNDLED_EVAL_FILE).read_text().splitlines()[:rows]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 def model_uri_of(result: StepResult) -> str:
     """The models:/ URI a logging step prints on its last line."""
     found = re.search(r"(models:/\S+)", result.stdout)
@@ -169,20 +176,44 @@ print(json.dumps(model.predict({{"messages": [{{"role": "user", "content": "{set
     assert 1 <= answer[0]["usage"]["completion_tokens"] <= 8
 
 
+def succeeded(entry_point: str, params: dict[str, str], tracking_uri: str) -> StepResult:
+    """A step run the tests build on: it must succeed."""
+    result = mlflow_run(entry_point, params, tracking_uri)
+    assert_ok(result)
+    return result
+
+
+# The logged models the tests share, each logged once per test process.
 @pytest.fixture(scope="session")
 def pipeline_run(fetch_run_id: str, tracking_uri: str) -> StepResult:
     # float32: the fp32 ONNX model answers token for token like it (the tiny checkpoint is bf16)
-    result = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id, "dtype": "float32",
-                                         "registered_model_name": "phi3-pipeline-test"}, tracking_uri)
-    assert_ok(result)
-    return result
+    return succeeded("log_pipeline", {"fetch_run_id": fetch_run_id, "dtype": "float32",
+                                      "registered_model_name": "phi3-pipeline-test"}, tracking_uri)
 
 
 @pytest.fixture(scope="session")
 def onnx_fp32_run(fetch_run_id: str, tracking_uri: str) -> StepResult:
-    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "precision": "fp32"}, tracking_uri)
-    assert_ok(result)
-    return result
+    return succeeded("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "precision": "fp32"}, tracking_uri)
+
+
+@pytest.fixture(scope="session")
+def pipeline_auto_run(fetch_run_id: str, tracking_uri: str) -> StepResult:
+    """The default dtype (the tiny checkpoint's own bfloat16), sampling by default: it answers differently
+    from the float32 one."""
+    return succeeded("log_pipeline", {"fetch_run_id": fetch_run_id, "sampling": "true"}, tracking_uri)
+
+
+@pytest.fixture(scope="session")
+def onnx_int4_run(fetch_run_id: str, tracking_uri: str) -> StepResult:
+    """The default precision (int4), in blocks of 128."""
+    return succeeded("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "int4_block_size": "128"}, tracking_uri)
+
+
+@pytest.fixture(scope="session")
+def onnx_prompt_run(fetch_run_id: str, tracking_uri: str) -> StepResult:
+    """fp32 with the prompt interface (the seed's {"prompt": ...} requests), registered."""
+    return succeeded("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "precision": "fp32", "interface": "prompt",
+                                          "registered_model_name": "phi3-onnx-prompt-test"}, tracking_uri)
 
 
 @pytest.fixture(scope="session")

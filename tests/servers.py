@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import mlflow_cli
 import psycopg2
 import pytest
 from conftest import BIN
@@ -64,7 +65,7 @@ class MlflowServer:
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
             *self.extra_args,
         ]
-        self.proc = local_server.spawn(cmd, self.log, cwd=self.root, env=self.env)
+        self.proc = start_process(cmd, self.log, cwd=self.root, env=self.env)
         try:
             local_server.wait_until_up(self.proc, f"{self.url}/health", self.log, START_TIMEOUT_S)
         except local_server.ServerFailed as exc:
@@ -82,6 +83,14 @@ class MlflowServer:
         self.stop()
 
 
+def start_process(cmd: list[str], log: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen | mlflow_cli.Spawned:
+    """cmd in a session of its own, its output appended to log: an `mlflow` command from the fork
+    server (tests/mlflow_cli.py: its seconds of imports paid once), anything else as a new process."""
+    if cmd[0] == str(BIN / "mlflow"):
+        return mlflow_cli.spawn(cmd[1:], log, env, cwd)
+    return local_server.spawn(cmd, log, cwd=cwd, env=env)
+
+
 @contextmanager
 def serving_process(cmd_for_port, log: Path, cwd: Path, env: dict[str, str], health_path: str,
                     timeout_s: float) -> Iterator[tuple[str, subprocess.Popen]]:
@@ -89,7 +98,7 @@ def serving_process(cmd_for_port, log: Path, cwd: Path, env: dict[str, str], hea
     (its URL, its process) once health_path answers; the test fails with the log's tail if it never
     does. Stopped (its whole session) however the test ends."""
     port = local_server.free_port()
-    process = local_server.spawn(cmd_for_port(port), log, cwd=cwd, env=env)
+    process = start_process(cmd_for_port(port), log, cwd, env)
     url = f"http://127.0.0.1:{port}"
     try:
         try:

@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import kubernetes_validate
+import mlflow_cli
 import pytest
 import yaml
 from conftest import BIN, REPO, model_uri_of, step_env
@@ -113,9 +114,8 @@ def test_generated_dockerfile_folder_loads_and_predicts_without_the_project(onnx
                                                                             tmp_path: Path):
     model_uri = model_uri_of(onnx_fp32_run)
     generated = tmp_path / "generated"
-    proc = subprocess.run([str(BIN / "mlflow"), "models", "generate-dockerfile", "-m", model_uri, "-d", str(generated)],
-                          capture_output=True, text=True, timeout=600, env=step_env(tracking_uri),
-                          stdin=subprocess.DEVNULL)
+    proc = mlflow_cli.run(["models", "generate-dockerfile", "-m", model_uri, "-d", str(generated)],
+                          step_env(tracking_uri), tmp_path, 600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "COPY model_dir /opt/ml/model" in (generated / "Dockerfile").read_text()
     # Move the folder (as a Docker build context would be) and load it with nothing of the project

@@ -12,7 +12,7 @@ import matplotlib.image
 import mlflow
 import pandas as pd
 import pytest
-from conftest import assert_failed_with, assert_ok, assert_step_fails_with, mlflow_run, wait_for
+from conftest import assert_failed_with, assert_ok, assert_step_fails_with, bundled_rows, mlflow_run, wait_for
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from servers import MlflowServer
@@ -36,6 +36,7 @@ from steps import evaluate as evaluate_step
 pytestmark = pytest.mark.long
 
 BUNDLED_ROWS = len((PROJECT_ROOT / settings.BUNDLED_EVAL_FILE).read_text().splitlines())
+SAMPLE_ROWS = 6  # of the bundled set, in the first evaluation
 NAMES = {"pipeline_model_name": "eval-pipeline", "onnx_model_name": "eval-onnx"}
 # Names of their own: a failed evaluation must not change what the tests of the first evaluation find.
 BAD_INPUT_NAMES = {"pipeline_model_name": "bad-input-pipeline", "onnx_model_name": "bad-input-onnx"}
@@ -55,10 +56,12 @@ def _alias_holder(names: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def bundled(pipeline_run, onnx_fp32_run, tracking_uri):
-    """One evaluate of the fp32 tiny models on the bundled set, default max_tokens and tolerance."""
+def bundled(pipeline_run, onnx_fp32_run, tracking_uri, tmp_path_factory):
+    """One evaluate of the fp32 tiny models on the bundled set's first rows, default max_tokens and tolerance
+    (every row is a request to each model; the loading of the whole set: test_max_rows_bounds_the_set)."""
+    eval_data = bundled_rows(tmp_path_factory.mktemp("bundled") / "sample.jsonl", SAMPLE_ROWS)
     result = mlflow_run("evaluate", {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id,
-                                     **NAMES}, tracking_uri)
+                                     "eval_data": eval_data, **NAMES}, tracking_uri)
     assert_ok(result)
     return result
 
@@ -71,7 +74,7 @@ def test_every_metric_is_logged_and_sane(bundled, pipeline_run, onnx_fp32_run):
     assert tags[settings.TAG_ONNX_RUN_ID] == onnx_fp32_run.run_id
     assert tags[settings.TAG_MODEL_ID] == "builtin:tiny-phi3"
     assert tags[settings.TAG_REVISION].startswith("sha256:")
-    assert run.data.params["eval_rows"] == str(BUNDLED_ROWS)
+    assert run.data.params["eval_rows"] == str(SAMPLE_ROWS)
     max_tokens = settings.EVAL_MAX_TOKENS
     for label in ("pipeline", "onnx"):
         m = {name: metrics[f"{label}/{name}"] for name in metric_names(QUALITY_SCORERS + COST_SCORERS)}
@@ -99,7 +102,7 @@ def test_each_model_has_a_child_run_with_one_trace_per_row(bundled):
     assert run.info.run_name == "evaluate"
     for child in children:
         traces = mlflow.search_traces(locations=[run.info.experiment_id], run_id=child.info.run_id, return_type="list")
-        assert len(traces) == BUNDLED_ROWS
+        assert len(traces) == SAMPLE_ROWS
         for trace in traces:
             value = {a.name: a.value for a in trace.info.assessments}
             assert {"exact_match", "contains_reference", "rouge_l"} <= set(value)
@@ -110,7 +113,7 @@ def test_each_model_has_a_child_run_with_one_trace_per_row(bundled):
         assert set(metric_names(QUALITY_SCORERS + COST_SCORERS + AGREEMENT_SCORERS)) <= set(child.data.metrics)
     # Every trace is linked to the evaluate run too: its Traces tab lists both models' answers.
     linked = mlflow.search_traces(locations=[run.info.experiment_id], run_id=bundled.run_id, return_type="list")
-    assert sorted(t.info.tags[settings.TAG_MODEL_LABEL] for t in linked) == sorted(["onnx", "pipeline"] * BUNDLED_ROWS)
+    assert sorted(t.info.tags[settings.TAG_MODEL_LABEL] for t in linked) == sorted(["onnx", "pipeline"] * SAMPLE_ROWS)
 
 
 def test_comparison_table_and_chart_are_logged(bundled, tmp_path):
@@ -150,7 +153,7 @@ def test_first_evaluation_registers_both_and_crowns_one(bundled):
     eval_link = f"](#/experiments/{experiment}/runs/{bundled.run_id})"
     champion = tags[settings.TAG_CHAMPION]
     for name in NAMES.values():
-        [version] = client.search_model_versions(f"name = '{name}'")
+        version = client.get_model_version(name, "1")  # (the gate's challengers below are versions 2)
         assert version.tags[settings.TAG_EVAL_RUN_ID] == bundled.run_id
         assert version.tags[settings.TAG_COMPARED_CHAMPION] == "none"
         # Its description names the evaluation that scored it (a link), its scores and the verdict.
@@ -196,30 +199,18 @@ def own_answers(onnx_fp32_model, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def challengers(fetch_run_id, tracking_uri) -> dict[str, str]:
+def challengers(pipeline_auto_run, onnx_int4_run) -> dict[str, str]:
     """A bfloat16 pipeline and an int4 ONNX model: they really answer differently from the fp32 ones.
     The pipeline samples by default: evaluation must still decode it greedily."""
-    bf16 = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id, "dtype": "bfloat16", "sampling": "true"},
-                      tracking_uri)
-    int4 = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id}, tracking_uri)
-    return {"pipeline_run_id": assert_ok(bf16), "onnx_run_id": assert_ok(int4)}
+    return {"pipeline_run_id": pipeline_auto_run.run_id, "onnx_run_id": onnx_int4_run.run_id}
 
 
-def test_worse_challengers_do_not_move_the_champion(own_answers, challengers, pipeline_run, onnx_fp32_run,
-                                                    tracking_uri):
-    names = {"pipeline_model_name": "gate-pipeline", "onnx_model_name": "gate-onnx"}
-    common = {"eval_data": own_answers, "max_tokens": str(OWN_ANSWERS_MAX_TOKENS), **names}
-    first = mlflow_run("evaluate", {"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id,
-                                    **common}, tracking_uri)
-    assert_ok(first)
+def test_worse_challengers_do_not_move_the_champion(bundled, own_answers, challengers, tracking_uri):
+    """The first evaluation's champion, an fp32 model, against challengers on the fp32 models' own answers."""
+    common = {"eval_data": own_answers, "max_tokens": str(OWN_ANSWERS_MAX_TOKENS), **NAMES}
     client = mlflow.MlflowClient()
-    first_run = client.get_run(first.run_id)
-    assert first_run.data.metrics["pipeline/rouge_l/mean"] == 1.0
-    assert first_run.data.metrics["onnx/rouge_l/mean"] == 1.0
-    champion = first_run.data.tags[settings.TAG_CHAMPION]
-    assert _alias_holder(list(names.values())) == [champion]
-
-    # ... and the challengers score less.
+    champion = client.get_run(bundled.run_id).data.tags[settings.TAG_CHAMPION]
+    assert _alias_holder(list(NAMES.values())) == [champion]
     second = mlflow_run("evaluate", {**challengers, **common}, tracking_uri)
     assert_ok(second)
     run = client.get_run(second.run_id)
@@ -231,11 +222,11 @@ def test_worse_challengers_do_not_move_the_champion(own_answers, challengers, pi
     assert f"regresses against champion {champion}" in run.data.tags[settings.TAG_CHAMPION_REASON]
     assert run.data.tags[settings.TAG_CHAMPION] == champion
     assert run.data.tags[settings.TAG_COMPARED_CHAMPION] == champion
-    assert _alias_holder(list(names.values())) == [champion]  # not moved
-    [challenger] = client.search_model_versions(f"name = 'gate-onnx' and run_id = '{challengers['onnx_run_id']}'")
+    assert _alias_holder(list(NAMES.values())) == [champion]  # not moved
+    # registered all the same, and told why it is not the champion
+    [challenger] = client.search_model_versions(f"name = 'eval-onnx' and run_id = '{challengers['onnx_run_id']}'")
     assert challenger.description.startswith("Scored by the evaluation [evaluate](")
     assert f"Not the champion after that evaluation (compared against [{champion}]" in challenger.description
-    assert client.search_model_versions("name = 'gate-onnx'")  # the challengers are registered all the same
 
 
 @pytest.fixture(scope="module")

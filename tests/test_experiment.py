@@ -1,32 +1,37 @@
-"""Where `mlflow run` of the project lands with no experiment chosen: the `phi3flow` experiment."""
+"""Where `mlflow run` of the project lands with no experiment chosen (the `phi3flow` experiment), and the
+design card's command as written there: run IDs a step takes are optional (tests/test_optional_run_ids.py)."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import mlflow
-from conftest import BIN, REPO, step_env
+from conftest import BIN, REPO, assert_ok, mlflow_run
 
 from phi3flow import settings
 from phi3flow.experiment import runs_this_project
 
 
-def test_mlflow_run_with_no_experiment_lands_in_phi3flow_and_is_named(tmp_path):
+def test_the_design_card_commands_land_in_phi3flow_and_chain_by_the_newest_run(tmp_path, monkeypatch):
+    """`mlflow run . -e fetch_model -P model_id=...`, then `mlflow run . -e log_onnx_wrapper` with no parameter
+    at all (the design card's command), on a fresh tracking store with no experiment chosen."""
     # The provider is found through the installed project's entry points (pyproject.toml): after
     # changing them, `pip install -e .` again.
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {k: v for k, v in step_env(uri).items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
-    cmd = [str(BIN / "mlflow"), "run", str(REPO), "-e", "fetch_model", "-P", "model_id=builtin:tiny-phi3",
-           "--env-manager", "local"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
-                          stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    fetched = assert_ok(mlflow_run("fetch_model", {"model_id": settings.BUILTIN_TINY}, uri, cwd=tmp_path))
+    wrapped = mlflow_run("log_onnx_wrapper", {}, uri, cwd=tmp_path)
+    assert_ok(wrapped)
+    assert f"fetch_run_id not given: using the newest FINISHED fetch_model run {fetched}" in wrapped.stdout
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(settings.DEFAULT_EXPERIMENT_NAME)
     assert experiment is not None, [e.name for e in client.search_experiments()]
-    [run] = client.search_runs([experiment.experiment_id])
-    assert run.info.run_name == "fetch_model"  # named from inside the step, when started by hand too
+    runs = {run.info.run_id: run for run in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {fetched, wrapped.run_id}
+    # named from inside the step, when started by hand too
+    assert runs[fetched].info.run_name == "fetch_model" and runs[wrapped.run_id].info.run_name == "log_onnx_wrapper"
+    assert runs[wrapped.run_id].data.tags[settings.TAG_FETCH_RUN_ID] == fetched
     assert client.search_runs(["0"]) == []  # nothing in Default
 
 

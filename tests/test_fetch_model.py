@@ -121,6 +121,8 @@ def test_bad_hub_input_fails_fast_with_one_line(case, message, tracking_uri, fak
     }[case]
     # A closed loopback port stands for a Hub with no network path to it.
     env["HF_ENDPOINT"] = "http://127.0.0.1:9" if case == "unreachable-hub" else fake_hub.url
+    if case == "hub-never-answers":
+        env["HF_HUB_ETAG_TIMEOUT"] = "3"  # the step's wait for an answer (10 s by default)
     result = mlflow_run("fetch_model", {"model_id": model_id}, tracking_uri, timeout=120, **env)
     assert_failed_with(result, message)
     # The step's run, its imports included (10-30 s on 2 busy cores): what the bound catches is a fetch left

@@ -22,7 +22,6 @@ import torch
 import yaml
 from conftest import (
     assert_failed_with,
-    assert_ok,
     assert_step_fails_with,
     in_fresh_process,
     invoke_step,
@@ -87,9 +86,8 @@ print(json.dumps([mlflow.pyfunc.load_model(uri).predict(request)
     assert onnx_answer[0]["model"] == "builtin:tiny-phi3"
 
 
-def test_int4_conversion_runs_and_answers(fetch_run_id, tracking_uri, tmp_path):
-    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "int4_block_size": "128"}, tracking_uri)
-    assert_ok(result)
+def test_int4_conversion_runs_and_answers(onnx_int4_run, tmp_path):
+    result = onnx_int4_run
     assert "converting to ONNX (int4, block size 128, cpu)" in result.stdout
     params = mlflow.MlflowClient().get_run(result.run_id).data.params
     assert params["precision"] == "int4" and params["int4_block_size"] == "128"
@@ -108,11 +106,8 @@ def test_int4_conversion_runs_and_answers(fetch_run_id, tracking_uri, tmp_path):
     assert 1 <= answer[0]["usage"]["completion_tokens"] <= 8
 
 
-def test_prompt_interface_takes_the_seed_request(fetch_run_id, tracking_uri):
-    result = mlflow_run("log_onnx_wrapper", {"fetch_run_id": fetch_run_id, "precision": "fp32", "interface": "prompt"},
-                        tracking_uri)
-    assert_ok(result)
-    model = mlflow.pyfunc.load_model(model_uri_of(result))
+def test_prompt_interface_takes_the_seed_request(onnx_prompt_run):
+    model = mlflow.pyfunc.load_model(model_uri_of(onnx_prompt_run))
     assert [spec.name for spec in model.metadata.get_input_schema().inputs] == ["prompt"]
     prompts = [settings.SEED_PROMPT, "<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n"]
     single = [model.predict({"prompt": p}, params={"max_tokens": 12}) for p in prompts]

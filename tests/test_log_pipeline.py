@@ -7,7 +7,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import assert_failed_with, assert_ok, assert_step_fails_with, in_fresh_process, mlflow_run, model_uri_of
+from conftest import assert_failed_with, assert_step_fails_with, in_fresh_process, mlflow_run, model_uri_of
 from transformers import AutoTokenizer
 
 from phi3flow import settings
@@ -40,10 +40,10 @@ def test_run_holds_a_transformers_chat_model_with_lineage(pipeline_run, fetch_ru
     assert client.get_registered_model("phi3-pipeline-test").latest_versions
 
 
-def test_default_dtype_is_the_checkpoints_own(fetch_run_id, tiny_dir, tracking_uri, tmp_path):
+def test_default_dtype_is_the_checkpoints_own(pipeline_auto_run, tiny_dir, tmp_path):
     """dtype=auto: the bf16 tiny checkpoint is logged in bf16, no bigger on disk than the checkpoint."""
-    result = mlflow_run("log_pipeline", {"fetch_run_id": fetch_run_id}, tracking_uri)
-    run = mlflow.MlflowClient().get_run(assert_ok(result))
+    result = pipeline_auto_run
+    run = mlflow.MlflowClient().get_run(result.run_id)
     assert run.data.params["dtype"] == "auto" and run.data.tags[settings.TAG_DTYPE] == "bfloat16"
     assert "dtype auto: the checkpoint's bfloat16" in result.stdout
     local = Path(mlflow.artifacts.download_artifacts(model_uri_of(result), dst_path=str(tmp_path)))

@@ -23,8 +23,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
+import mlflow_cli
 import pytest
-from conftest import BIN, REPO, StepResult, ask_champion, assert_ok, mlflow_run, step_env, wait_for
+from conftest import BIN, REPO, StepResult, ask_champion, assert_ok, bundled_rows, mlflow_run, step_env, wait_for
 from servers import MlflowServer
 
 from phi3flow import settings
@@ -32,15 +33,6 @@ from phi3flow.chain import code_version
 
 # minutes of main chains, servers or benchmarks: started first (tests/conftest.py)
 pytestmark = pytest.mark.long
-
-BUNDLED = REPO / settings.BUNDLED_EVAL_FILE
-
-
-def _eval_file(path: Path, rows: int) -> str:
-    """The first rows of the bundled evaluation set: evaluate's cost grows with every prompt."""
-    path.write_text("\n".join(BUNDLED.read_text().splitlines()[:rows]) + "\n")
-    return str(path)
-
 
 def _git(cwd: Path, *args: str) -> str:
     # An explicit identity: CI machines may have none configured.
@@ -66,7 +58,7 @@ def project(tmp_path_factory) -> Path:
 def params(tmp_path_factory) -> dict[str, str]:
     """The parameters of main in the scheduled reruns below."""
     return {"model_id": settings.BUILTIN_TINY,
-            "eval_data": _eval_file(tmp_path_factory.mktemp("eval") / "two.jsonl", 2)}
+            "eval_data": bundled_rows(tmp_path_factory.mktemp("eval") / "two.jsonl", 2)}
 
 
 @pytest.fixture(scope="module")
@@ -145,14 +137,11 @@ class Background:
 
     def __init__(self, project: Path, experiment_id: str, tracking_uri: str, log: Path, params: dict[str, str]):
         self.experiment_id, self.log = experiment_id, log
-        cmd = [str(BIN / "mlflow"), "run", str(project), "-e", "main", "--env-manager", "local"]
+        argv = ["run", str(project), "-e", "main", "--env-manager", "local"]
         for key, value in params.items():
-            cmd += ["-P", f"{key}={value}"]
+            argv += ["-P", f"{key}={value}"]
         self.started = time.time() * 1000
-        with log.open("w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=step_env(tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id),
-                                         start_new_session=True)
+        self.proc = mlflow_cli.spawn(argv, log, step_env(tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id), REPO)
 
     def main_run_id(self) -> str:
         def newest_main():
@@ -251,7 +240,7 @@ class Interrupted:
 def changed_parameter_main(first_main, run_main, params, experiment_id, tmp_path_factory) -> Stage:
     """main again with a one-row evaluation set instead of two."""
     return _run_stage(run_main, experiment_id,
-                      {**params, "eval_data": _eval_file(tmp_path_factory.mktemp("one") / "one.jsonl", 1)})
+                      {**params, "eval_data": bundled_rows(tmp_path_factory.mktemp("one") / "one.jsonl", 1)})
 
 
 def test_changed_parameter_reruns_only_the_steps_that_use_it(first_main, changed_parameter_main):

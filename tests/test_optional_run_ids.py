@@ -1,4 +1,6 @@
-"""Run IDs a step takes are optional: empty means the newest FINISHED run of that step in the experiment."""
+"""Run IDs a step takes are optional: empty means the newest FINISHED run of that step in the experiment.
+
+The design card's `mlflow run . -e log_onnx_wrapper`, as written, runs in tests/test_experiment.py."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import os
 
 import mlflow
 import pytest
-from conftest import assert_ok, mlflow_run
 
 from phi3flow import settings
 from phi3flow.chain import run_id_or_newest
@@ -37,15 +38,3 @@ def test_an_empty_run_id_means_the_newest_finished_run_of_that_step(fetch_run_id
     assert str(refused.value) == (f"pipeline_run_id is empty and experiment {run.info.experiment_id} has no FINISHED "
                                   "log_pipeline run: run fetch_model or main first, "
                                   "or pass -P pipeline_run_id=<run id>")
-
-
-def test_log_onnx_wrapper_runs_as_written_without_a_fetch_run_id(tracking_uri):
-    """`mlflow run . -e log_onnx_wrapper`, the command of the design card, with no parameter at all."""
-    # An experiment of its own: in the session's, the newest fetch may be any model another test fetched.
-    experiment_id = mlflow.create_experiment("design-card-command")
-    fetched = assert_ok(mlflow_run("fetch_model", {"model_id": settings.BUILTIN_TINY}, tracking_uri,
-                                   MLFLOW_EXPERIMENT_ID=experiment_id))
-    result = mlflow_run("log_onnx_wrapper", {}, tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id)
-    run_id = assert_ok(result)
-    assert f"fetch_run_id not given: using the newest FINISHED fetch_model run {fetched}" in result.stdout
-    assert mlflow.MlflowClient().get_run(run_id).data.tags[settings.TAG_FETCH_RUN_ID] == fetched

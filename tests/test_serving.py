@@ -20,7 +20,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
-from conftest import BIN, assert_ok, mlflow_run, model_uri_of, step_env
+from conftest import BIN, model_uri_of, step_env
 from servers import serving_process
 
 from phi3flow import settings
@@ -107,15 +107,8 @@ def pipeline_server(pipeline_run, tracking_uri, tmp_path_factory) -> Iterator[Se
 
 
 @pytest.fixture(scope="module")
-def prompt_server(fetch_run_id, tracking_uri, tmp_path_factory) -> Iterator[Server]:
-    result = mlflow_run(
-        "log_onnx_wrapper",
-        {"fetch_run_id": fetch_run_id, "precision": "fp32", "interface": "prompt",
-         "registered_model_name": "phi3-onnx-prompt-test"},
-        tracking_uri,
-    )
-    assert_ok(result)
-    version = mlflow.MlflowClient().search_model_versions(f"run_id = '{result.run_id}'")[0]
+def prompt_server(onnx_prompt_run, tracking_uri, tmp_path_factory) -> Iterator[Server]:
+    version = mlflow.MlflowClient().search_model_versions(f"run_id = '{onnx_prompt_run.run_id}'")[0]
     mlflow.MlflowClient().set_registered_model_alias(version.name, "champion", version.version)
     workdir = tmp_path_factory.mktemp("prompt-server")
     with served("models:/phi3-onnx-prompt-test@champion", tracking_uri, workdir, "-t",
