@@ -1,6 +1,6 @@
 """The `mlflow` command line, run in a fresh process without paying for its imports each time.
 
-Every `mlflow` command spends about 5 s of CPU importing MLflow's command line before it does
+Every `mlflow` command spends about 4 s of CPU importing MLflow's command line before it does
 anything, and the suite starts dozens of them (steps, servers, `mlflow models serve`) on two cores.
 Here a multiprocessing fork server imports `mlflow.cli` once per test process; each command is a
 process forked from it that takes the caller's environment, working directory and argv (sys.argv as
