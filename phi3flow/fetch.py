@@ -279,14 +279,15 @@ def _builtin_recipe(name: str) -> str:
 
 def _hub_commit(model_id: str, revision: str) -> str:
     """The commit SHA that revision (branch, tag or commit) of a Hub model points at."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     repo_id = "/".join(model_id.split("/", 2)[:2])
     # The token comes only from HF_TOKEN (huggingface_hub reads it); it is never a parameter, so
     # it never reaches MLflow's params, tags or artifacts.
     try:
-        return HfApi().model_info(repo_id, revision=revision, timeout=settings.HUB_TIMEOUT_S).sha
+        # no timeout unless given one; the downloads below take the same one by default
+        return HfApi().model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
     except GatedRepoError:
         raise UserError(f"'{repo_id}' is gated: accept its licence on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -309,9 +310,7 @@ def _from_hub(model_id: str, revision: str) -> Source:
     print(f"downloading {model_id} at {sha} ...", flush=True)
     try:
         # Into the Hugging Face cache, so a scheduled rerun of the same commit downloads nothing.
-        snapshot = snapshot_download(
-            repo_id, revision=sha, allow_patterns=patterns, etag_timeout=settings.HUB_TIMEOUT_S
-        )
+        snapshot = snapshot_download(repo_id, revision=sha, allow_patterns=patterns)
     except Exception as exc:
         raise UserError(f"download of '{model_id}' at {sha} failed: {exc}") from None
     path = Path(snapshot) / subfolder

@@ -11,9 +11,8 @@ DEFAULT_REVISION = "main"
 BUILTIN_TINY = "builtin:tiny-phi3"
 # The embedded family (phi3flow/tiny.py): one tiny model per configuration class of the real models.
 BUILTINS = ("builtin:tiny-phi3", "builtin:tiny-phi3-medium", "builtin:tiny-phi3.5", "builtin:tiny-phi4-mini")
-# Per request; a Hub that does not answer fails the step, it never hangs. huggingface_hub's own
-# variable for its metadata requests sets it (its default too: 10 s), for a slow proxy say.
-HUB_TIMEOUT_S = float(os.environ.get("HF_HUB_ETAG_TIMEOUT", "10"))
+# The Hub's timeout per request is huggingface_hub's own HF_HUB_ETAG_TIMEOUT (10 s unless set, for a slow
+# proxy say): a Hub that does not answer fails the step, it never hangs (phi3flow/fetch.py).
 
 # Files the later steps need. Duplicate weight formats (.bin, .pt, .gguf) and remote code are left out.
 # The real repos: Phi-3/3.5 ship config.json, generation_config.json, model-0000N-of-0000M.safetensors
