@@ -7,6 +7,7 @@ before the next step starts: steps hand each other nothing but run IDs.
 
 from __future__ import annotations
 
+import configparser
 import secrets
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import psycopg2
@@ -31,6 +33,7 @@ ALICE, ALICE_PASSWORD = "alice", "alice-" + secrets.token_urlsafe(16)
 ADMIN, ADMIN_PASSWORD = "admin", "admin-" + secrets.token_urlsafe(16)
 ADMINS_MODEL = "phi3-onnx-admins"  # registered by the admin: other users may only read it
 ALICES_MODEL = "phi3-onnx-alice"  # registered by her log_onnx_wrapper run
+AUTH_CONFIG = "tracking-server/basic_auth.ini"
 
 
 @contextmanager
@@ -89,11 +92,26 @@ class AuthServer:
         return self.server.url
 
 
+def test_the_auth_settings_are_mlflows_defaults_with_the_credential_cache_on():
+    def settings_of(path: Path) -> dict[str, str]:
+        parser = configparser.ConfigParser()
+        assert parser.read(path) == [str(path)]
+        return dict(parser["mlflow"])
+
+    ours = settings_of(REPO / AUTH_CONFIG)
+    mlflows = settings_of(Path(mlflow.__file__).parent / "server" / "auth" / "basic_auth.ini")
+    assert ours.pop("auth_cache_ttl_seconds") == "60"
+    assert ours == {key: mlflows[key] for key in ours}
+    assert {"default_permission", "database_uri", "admin_username"} <= ours.keys()
+
+
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory) -> Iterator[AuthServer]:
     root = tmp_path_factory.mktemp("auth-server")
-    # The first start creates the admin; the users database is ./basic_auth.db of the server's cwd.
-    env = {"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+    # The project's auth settings, as the README starts the server: the first start creates the admin,
+    # the users database is ./basic_auth.db of the server's cwd, credentials are cached for a minute.
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(REPO / AUTH_CONFIG), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
     # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the driver installed is psycopg2.
     with postgres() as database_uri, MlflowServer(root, database_uri.replace("postgresql://", "postgresql+psycopg2://"),
                                                   "--app-name", "basic-auth", env=env) as server:
