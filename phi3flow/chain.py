@@ -26,6 +26,7 @@ from phi3flow.eval_data import load_eval_data
 from phi3flow.onnx_convert import check_options
 from phi3flow.onnx_model import check_interface
 from phi3flow.step_process import owner_is_gone
+from phi3flow.threads import parse_threads
 
 
 def code_version(project_dir: Path) -> str:
@@ -128,9 +129,14 @@ def run_id_or_newest(run_id: str, entry_point: str, parameter: str) -> str:
     return found.info.run_id
 
 
-def check_parameters(precision: str, interface: str, eval_data: str, workdir: Path) -> None:
-    """Refuse, before any step runs, what a later step would refuse after the earlier ones had run."""
-    check_options(precision, "cpu")
+def check_parameters(onnx_params: dict[str, str], eval_data: str, workdir: Path) -> None:
+    """Refuse, before any step runs, what a later step would refuse after the earlier ones had run.
+
+    onnx_params: the parameters main hands log_onnx_wrapper (precision, interface, int4_block_size, threads).
+    """
+    check_options(onnx_params["precision"], "cpu", onnx_params["int4_block_size"])
+    parse_threads(onnx_params["threads"])
+    interface = onnx_params["interface"]
     check_interface(interface)
     if interface != "chat":
         raise UserError(f"main evaluates the ONNX model with chat messages, so it needs interface=chat, not "
@@ -229,7 +235,7 @@ class Chain:
         return runs[0].info.run_id if runs else None
 
 
-def run_flow(flow: Chain, model_id: str, revision: str, precision: str, interface: str, eval_data: str,
+def run_flow(flow: Chain, model_id: str, revision: str, onnx_params: dict[str, str], eval_data: str,
              workdir: Path) -> None:
     """fetch_model -> log_pipeline and log_onnx_wrapper -> evaluate, each reused when unchanged."""
     print(f"resolving {model_id} @ {revision} ...", flush=True)
@@ -245,7 +251,6 @@ def run_flow(flow: Chain, model_id: str, revision: str, precision: str, interfac
         pipeline_run_id = settings.NO_PIPELINE_RUN
     else:
         pipeline_run_id = flow.step("log_pipeline", {"fetch_run_id": fetched.run_id}).run_id
-    onnx = flow.step("log_onnx_wrapper",
-                     {"fetch_run_id": fetched.run_id, "precision": precision, "interface": interface})
+    onnx = flow.step("log_onnx_wrapper", {"fetch_run_id": fetched.run_id, **onnx_params})
     flow.step("evaluate", {"pipeline_run_id": pipeline_run_id, "onnx_run_id": onnx.run_id, "eval_data": eval_data},
               inputs=file_inputs("eval_data", eval_data))

@@ -10,7 +10,7 @@ import mlflow
 
 from phi3flow import chain, settings, step_process
 from phi3flow.errors import UserError, run_step
-from phi3flow.onnx_convert import PRECISIONS
+from phi3flow.onnx_convert import DEFAULT_INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, PRECISIONS
 from phi3flow.onnx_model import INTERFACES
 
 
@@ -22,17 +22,23 @@ from phi3flow.onnx_model import INTERFACES
 @click.option("--interface", default="chat", show_default=True,
               help=f"ONNX pyfunc interface: one of {', '.join(INTERFACES)}; evaluate scores chat models, so "
                    "main takes chat.")
+@click.option("--int4-block-size", default=str(DEFAULT_INT4_BLOCK_SIZE), show_default=True,
+              help=f"Weights per int4 scale: one of {', '.join(map(str, INT4_BLOCK_SIZES))} (log_onnx_wrapper's).")
+@click.option("--threads", default=settings.ONNX_THREADS_AUTO, show_default=True,
+              help="onnxruntime threads of the ONNX model: 'auto' or a number (log_onnx_wrapper's).")
 @click.option("--eval-data", default=settings.BUNDLED_EVAL_DATA, show_default=True,
               help="Evaluation set of the evaluate step.")
 @click.option("--force", type=bool, default=False, show_default=True,
               help="Rerun every step even when a finished run matches.")
 @click.option("--env-manager", default="", help="Env manager of the steps; empty: the one main was started with.")
-def main(model_id: str, revision: str, precision: str, interface: str, eval_data: str, force: bool,
-         env_manager: str) -> None:
+def main(model_id: str, revision: str, precision: str, interface: str, int4_block_size: str, threads: str,
+         eval_data: str, force: bool, env_manager: str) -> None:
+    onnx_params = {"precision": precision, "interface": interface, "int4_block_size": int4_block_size,
+                   "threads": threads}
     # SIGTERM, and the end of the process that started main, interrupt it like Ctrl-C (run_step):
     # MLflow stops the running step and marks its run FAILED, and this run ends FAILED.
     with mlflow.start_run(run_name="main") as run, tempfile.TemporaryDirectory() as tmp:
-        chain.check_parameters(precision, interface, eval_data, Path(tmp))
+        chain.check_parameters(onnx_params, eval_data, Path(tmp))
         # Held until this process and every step it starts have ended (a kill of any of them included).
         step_process.hold_run_lock(mlflow.get_tracking_uri(), run.info.experiment_id)
         client = mlflow.MlflowClient()
@@ -43,7 +49,7 @@ def main(model_id: str, revision: str, precision: str, interface: str, eval_data
                            chain.code_version(project), force, client)
         mlflow.set_tags({settings.TAG_ENV_MANAGER: flow.env_manager, settings.TAG_CODE_VERSION: flow.code})
         try:
-            chain.run_flow(flow, model_id, revision, precision, interface, eval_data, Path(tmp))
+            chain.run_flow(flow, model_id, revision, onnx_params, eval_data, Path(tmp))
         except KeyboardInterrupt:
             raise UserError("interrupted: the running step was stopped and its run marked FAILED") from None
         finally:

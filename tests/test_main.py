@@ -58,7 +58,9 @@ def project(tmp_path_factory) -> Path:
 def params(tmp_path_factory) -> dict[str, str]:
     """The parameters of main in the scheduled reruns below."""
     return {"model_id": settings.BUILTIN_TINY,
-            "eval_data": bundled_rows(tmp_path_factory.mktemp("eval") / "two.jsonl", 2)}
+            "eval_data": bundled_rows(tmp_path_factory.mktemp("eval") / "two.jsonl", 2),
+            # handed to log_onnx_wrapper as they are
+            "int4_block_size": "128", "threads": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +208,9 @@ def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, 
     # Each step is handed its upstream steps' run IDs.
     assert runs["log_pipeline"].data.params["fetch_run_id"] == steps["fetch_model"]
     assert runs["log_onnx_wrapper"].data.params["fetch_run_id"] == steps["fetch_model"]
-    assert runs["log_onnx_wrapper"].data.params["precision"] == "int4"
+    onnx_params = runs["log_onnx_wrapper"].data.params
+    assert (onnx_params["precision"], onnx_params["int4_block_size"], onnx_params["threads"]) == ("int4", "128", "1")
+    assert runs["log_onnx_wrapper"].data.tags[settings.TAG_ONNX_THREADS] == "1"
     assert runs["evaluate"].data.params["pipeline_run_id"] == steps["log_pipeline"]
     assert runs["evaluate"].data.params["onnx_run_id"] == steps["log_onnx_wrapper"]
     # The caller's --env-manager (local: MLflow sets no mlflow.project.env tag) reached the steps.

@@ -7,6 +7,7 @@ stopped while a step works. docs/reliability.md lists what is guaranteed.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -237,13 +238,17 @@ def test_outage_message_names_the_first_failed_call():
 
 
 def test_main_refuses_what_a_later_step_cannot_take_before_any_step_runs(experiment_id, tracking_uri, tmp_path):
-    for precision, interface, eval_data, message in [
-        ("int8", "chat", "bundled", "precision must be one of int4, fp32, not 'int8'"),
-        ("int4", "html", "bundled", "interface must be one of chat, prompt, not 'html'"),
-        ("int4", "chat", str(tmp_path / "missing.jsonl"), "is not a file"),
+    good = {"precision": "int4", "interface": "chat", "int4_block_size": "32", "threads": "auto"}
+    chain.check_parameters(good, "bundled", tmp_path)
+    for bad, eval_data, message in [
+        ({"precision": "int8"}, "bundled", "precision must be one of int4, fp32, not 'int8'"),
+        ({"interface": "html"}, "bundled", "interface must be one of chat, prompt, not 'html'"),
+        ({"int4_block_size": "100"}, "bundled", "int4_block_size must be one of 16, 32, 64, 128, 256, not '100'"),
+        ({"threads": "-1"}, "bundled", "threads must be 'auto' or a positive whole number, not '-1'"),
+        ({}, str(tmp_path / "missing.jsonl"), "is not a file"),
     ]:
-        with pytest.raises(UserError, match=message):
-            chain.check_parameters(precision, interface, eval_data, tmp_path)
+        with pytest.raises(UserError, match=re.escape(message)):
+            chain.check_parameters(good | bad, eval_data, tmp_path)
     result = mlflow_run("main", {"model_id": settings.BUILTIN_TINY, "interface": "prompt"}, tracking_uri,
                         MLFLOW_EXPERIMENT_ID=experiment_id)
     assert_failed_with(result,
