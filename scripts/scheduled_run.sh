@@ -34,7 +34,11 @@ if [ "$status" -ne 0 ] && grep -q '^error: another run of main is in progress' "
 fi
 if [ "$status" -ne 0 ]; then
     echo "error: main failed with exit status $status; output in $log" >&2
-    grep '^error:' "$log" >&2
+    # main's one-line errors; where main printed none (a mistyped -P is click's "Error: No such option",
+    # a tracking store that refused `mlflow run` itself ends in a traceback), the log's last error line,
+    # or its last line
+    grep '^error:' "$log" >&2 ||
+        { grep -E '^[A-Za-z_.]*(Error|Exception): ' "$log" || tail -n 1 "$log"; } | tail -n 1 >&2
 else
     echo "$(date -u +%FT%TZ) $(grep '^main run ' "$log" | tail -n 1)"
 fi

@@ -117,6 +117,17 @@ def tracking_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tracking_server(tracking_uri, tmp_path_factory):
+    """A real `mlflow server` on the session's tracking store, as a team's tracking server: what machines
+    without a shared lock talk to, and what a stopped client cannot lock (a process stopped inside a
+    sqlite transaction of its own would lock the store for every other process)."""
+    from servers import MlflowServer  # servers imports this module
+
+    with MlflowServer(tmp_path_factory.mktemp("server"), tracking_uri) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
 def fetch_run_id(tracking_uri: str) -> str:
     """One fetch_model run of builtin:tiny-phi3, shared by the tests that build on it."""
     return assert_ok(mlflow_run("fetch_model", {"model_id": "builtin:tiny-phi3"}, tracking_uri))

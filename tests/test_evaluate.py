@@ -15,7 +15,6 @@ import pytest
 from conftest import assert_failed_with, assert_ok, assert_step_fails_with, bundled_rows, mlflow_run, wait_for
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from servers import MlflowServer
 
 from phi3flow import settings
 from phi3flow.errors import UserError
@@ -229,15 +228,8 @@ def test_worse_challengers_do_not_move_the_champion(bundled, own_answers, challe
     assert f"Not the champion after that evaluation (compared against [{champion}]" in challenger.description
 
 
-@pytest.fixture(scope="module")
-def server(tracking_uri, tmp_path_factory):
-    """A real `mlflow server` on the session's tracking store: what two machines without a shared lock talk to."""
-    with MlflowServer(tmp_path_factory.mktemp("server"), tracking_uri) as running:
-        yield running
-
-
-def test_promotion_is_a_compare_and_set(server, tracking_uri, monkeypatch):
-    mlflow.set_tracking_uri(server.url)
+def test_promotion_is_a_compare_and_set(tracking_server, tracking_uri, monkeypatch):
+    mlflow.set_tracking_uri(tracking_server.url)
     try:
         client = mlflow.MlflowClient()
         client.create_registered_model("cas-model")
@@ -270,8 +262,8 @@ def test_promotion_is_a_compare_and_set(server, tracking_uri, monkeypatch):
         mlflow.set_tracking_uri(tracking_uri)
 
 
-def test_racing_evaluations_compare_the_champion_against_its_predecessor(server, own_answers, challengers, pipeline_run,
-                                                                         onnx_fp32_run, tracking_uri):
+def test_racing_evaluations_compare_the_champion_against_its_predecessor(tracking_server, own_answers, challengers,
+                                                                         pipeline_run, onnx_fp32_run, tracking_uri):
     """Two evaluations of different models started together on one `mlflow server`, no lock between them:
     the one that promotes second finds the alias moved, measures the new champion, and decides against it.
     (When their alias moves cross, both find it moved and retry after a random wait: one still goes first.)"""
@@ -279,8 +271,8 @@ def test_racing_evaluations_compare_the_champion_against_its_predecessor(server,
     common = {"eval_data": own_answers, "max_tokens": str(OWN_ANSWERS_MAX_TOKENS), **names}
     pairs = [{"pipeline_run_id": pipeline_run.run_id, "onnx_run_id": onnx_fp32_run.run_id}, challengers]
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda pair: mlflow_run("evaluate", {**pair, **common}, server.url, timeout=600),
-                                pairs))
+        results = list(pool.map(
+            lambda pair: mlflow_run("evaluate", {**pair, **common}, tracking_server.url, timeout=600), pairs))
     tags = {assert_ok(r): mlflow.MlflowClient().get_run(r.run_id).data.tags for r in results}
     compared = {run_id: t[settings.TAG_COMPARED_CHAMPION] for run_id, t in tags.items()}
     # exactly one decided against no champion: both outputs say how they promoted when it is not so

@@ -397,6 +397,10 @@ def test_scheduled_run_propagates_failure(project, experiment_id, tracking_uri, 
     assert "Traceback" not in log.read_text()
     failed = next(r for r in _runs(experiment_id) if r.data.params.get("model_id") == "/nonexistent/phi3")
     assert failed.info.status == "FAILED"
+    # A mistyped parameter: main's options refuse it before main prints anything; the log's error line shows.
+    typo = _scheduled(project, tracking_uri, experiment_id, tmp_path, "-P", "model_idd=/nonexistent/phi3")
+    assert typo.returncode == 1
+    assert typo.stderr.splitlines()[1:] == ["Error: No such option '--model_idd'. Did you mean '--model-id'?"]
 
 
 def test_code_version_outside_git_hashes_the_code_files(project, tmp_path):

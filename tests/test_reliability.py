@@ -61,8 +61,9 @@ def experiment_id(tracking_uri, tmp_path, request) -> str:
     return mlflow.create_experiment(f"reliability-{request.node.name}", artifact_location=str(tmp_path / "artifacts"))
 
 
-def test_a_killed_scheduled_run_keeps_the_lock_until_all_of_it_has_ended(experiment_id, tracking_uri, tmp_path):
-    env = step_env(tracking_uri, MLFLOW_EXPERIMENT_ID=experiment_id, PHI3FLOW_LOG_DIR=str(tmp_path / "logs"),
+def test_a_killed_scheduled_run_keeps_the_lock_until_all_of_it_has_ended(experiment_id, tracking_server, tmp_path):
+    # Through a tracking server: the step is stopped wherever it is, inside a request included.
+    env = step_env(tracking_server.url, MLFLOW_EXPERIMENT_ID=experiment_id, PHI3FLOW_LOG_DIR=str(tmp_path / "logs"),
                    PHI3FLOW_TMP_ROOT=str(tmp_path / "tmp"))
 
     def scheduled(model_id: str) -> subprocess.CompletedProcess:
