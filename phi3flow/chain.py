@@ -235,6 +235,15 @@ class Chain:
         return runs[0].info.run_id if runs else None
 
 
+def onnx_step_params(fetch_run_id: str, onnx_params: dict[str, str]) -> dict[str, str]:
+    """log_onnx_wrapper's parameters, which are its cache key: int4_block_size only for int4 (it shapes the
+    int4 weights alone), so that a changed block size does not rerun an fp32 conversion."""
+    params = {"fetch_run_id": fetch_run_id, **onnx_params}
+    if params["precision"] != "int4":
+        del params["int4_block_size"]
+    return params
+
+
 def run_flow(flow: Chain, model_id: str, revision: str, onnx_params: dict[str, str], eval_data: str,
              workdir: Path) -> None:
     """fetch_model -> log_pipeline and log_onnx_wrapper -> evaluate, each reused when unchanged."""
@@ -251,6 +260,6 @@ def run_flow(flow: Chain, model_id: str, revision: str, onnx_params: dict[str, s
         pipeline_run_id = settings.NO_PIPELINE_RUN
     else:
         pipeline_run_id = flow.step("log_pipeline", {"fetch_run_id": fetched.run_id}).run_id
-    onnx = flow.step("log_onnx_wrapper", {"fetch_run_id": fetched.run_id, **onnx_params})
+    onnx = flow.step("log_onnx_wrapper", onnx_step_params(fetched.run_id, onnx_params))
     flow.step("evaluate", {"pipeline_run_id": pipeline_run_id, "onnx_run_id": onnx.run_id, "eval_data": eval_data},
               inputs=file_inputs("eval_data", eval_data))

@@ -257,3 +257,12 @@ def test_main_refuses_what_a_later_step_cannot_take_before_any_step_runs(experim
     entry_points = {r.data.tags.get("mlflow.project.entryPoint")
                     for r in mlflow.MlflowClient().search_runs([experiment_id])}
     assert entry_points == {"main"}  # no step ran
+
+
+def test_main_hands_log_onnx_wrapper_the_int4_block_size_for_int4_only():
+    """The step's parameters are its cache key: a block size an fp32 conversion never uses must not rerun it."""
+    onnx = {"precision": "int4", "interface": "chat", "int4_block_size": "128", "threads": "1"}
+    assert chain.onnx_step_params("f1", onnx) == {"fetch_run_id": "f1", **onnx}
+    fp32 = {"fetch_run_id": "f1", "precision": "fp32", "interface": "chat", "threads": "1"}
+    for block_size in ("32", "128"):
+        assert chain.onnx_step_params("f1", onnx | {"precision": "fp32", "int4_block_size": block_size}) == fp32
