@@ -24,6 +24,7 @@ import mlflow
 import numpy as np
 from mlflow.entities import SpanType
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.genai.scorers import Scorer, scorer
 
 from phi3flow import output, registry, report, settings
@@ -154,6 +155,31 @@ class ModelScores:
     answers: list[str] = field(default_factory=list)  # one per eval row, in order
 
 
+# The insert that fails when two evaluations of one new set add it to the experiment at the same moment:
+# MLflow's SqlAlchemyStore.log_inputs looks for the dataset (experiment, name, digest), then inserts it,
+# and the table's primary key refuses the second insert (sqlite: "UNIQUE constraint failed"; through a
+# server: BAD_REQUEST with the same text). SQLAlchemy's error names the statement, whatever the database.
+_DATASET_INSERT_RACE = re.compile(r"\[SQL: INSERT INTO datasets\b")
+
+
+def genai_evaluate(label: str, **kwargs: Any) -> Any:
+    """mlflow.genai.evaluate, tried once more when it lost the race to add the evaluation set to the experiment.
+
+    genai.evaluate logs the set as an input of its run before it answers any row (after one untraced
+    check of predict_fn). Two evaluations of a set new to the experiment that start together (two
+    machines, one tracking server) both insert it, and the store refuses the second with a traceback.
+    By the second try the dataset is there, and the store only links it to the run.
+    """
+    try:
+        return mlflow.genai.evaluate(**kwargs)
+    except MlflowException as exc:
+        if not _DATASET_INSERT_RACE.search(str(exc)):
+            raise
+    print(f"[{label}] another evaluation added the same evaluation set to the experiment at the same moment: "
+          "trying again", flush=True)
+    return mlflow.genai.evaluate(**kwargs)
+
+
 def evaluate_model(
     label: str,
     model_uri: str,
@@ -218,7 +244,8 @@ def evaluate_model(
         print(f"[{label}] answering {len(rows)} prompts (max_tokens={max_tokens}, greedy) ...", flush=True)
         try:
             with output.bounded():  # MLflow's "Evaluating" bar has no switch: in a log, its last state
-                result = mlflow.genai.evaluate(data=data, predict_fn=predict, scorers=scorers, model_id=logged_model_id)
+                result = genai_evaluate(label, data=data, predict_fn=predict, scorers=scorers,
+                                        model_id=logged_model_id)
         except Exception:
             if not failures:
                 raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,18 +13,28 @@ import matplotlib.image
 import mlflow
 import pandas as pd
 import pytest
-from conftest import assert_failed_with, assert_ok, assert_step_fails_with, bundled_rows, mlflow_run, wait_for
+import sqlalchemy
+from conftest import (
+    assert_failed_with,
+    assert_ok,
+    assert_step_fails_with,
+    bundled_rows,
+    mlflow_run,
+    model_uri_of,
+    wait_for,
+)
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from phi3flow import settings
 from phi3flow.errors import UserError
-from phi3flow.eval_data import PROJECT_ROOT, load_eval_data
+from phi3flow.eval_data import PROJECT_ROOT, EvalRow, load_eval_data
 from phi3flow.evaluation import (
     AGREEMENT_SCORERS,
     COST_SCORERS,
     QUALITY_SCORERS,
     Progress,
+    evaluate_model,
     metric_names,
     rouge_l_f1,
     token_overlap_f1,
@@ -260,6 +271,36 @@ def test_promotion_is_a_compare_and_set(tracking_server, tracking_uri, monkeypat
                 promoting.result()
     finally:
         mlflow.set_tracking_uri(tracking_uri)
+
+
+def test_an_evaluation_that_loses_the_race_to_add_its_set_to_the_experiment_tries_once_more(onnx_fp32_run, tracking_uri,
+                                                                                          capsys):
+    """Two evaluations of a new set, started together, both add it to the experiment's datasets: MLflow's
+    store looks for it, then inserts it, and refuses the second insert. Here a second connection to the
+    store commits the same dataset right before this evaluation's insert, as the other evaluation would."""
+    experiment_id = mlflow.create_experiment("dataset-race")
+    engine = sqlalchemy.create_engine(tracking_uri)
+    store = mlflow.tracking._tracking_service.utils._get_store(tracking_uri)
+    won = []
+
+    def other_evaluation_first(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("INSERT INTO datasets") and not won:
+            with engine.begin() as other:  # its own connection, committed before this insert runs
+                other.exec_driver_sql(statement, (uuid.uuid4().hex, *parameters[1:]))
+            won.append(parameters[3])  # the digest
+
+    sqlalchemy.event.listen(store.engine, "before_cursor_execute", other_evaluation_first)
+    try:
+        with mlflow.start_run(experiment_id=experiment_id):
+            scores = evaluate_model("onnx", model_uri_of(onnx_fp32_run), [EvalRow(settings.SEED_QUESTION, "Madrid")], 4)
+    finally:
+        sqlalchemy.event.remove(store.engine, "before_cursor_execute", other_evaluation_first)
+    assert won, "the evaluation logged no dataset"
+    assert "another evaluation added the same evaluation set to the experiment at the same moment: trying again" in (
+        capsys.readouterr().out)
+    [dataset_input] = mlflow.MlflowClient().get_run(scores.run_id).inputs.dataset_inputs
+    assert dataset_input.dataset.digest == won[0]  # the one the other evaluation added, linked
+    assert len(scores.answers) == 1 and set(metric_names(QUALITY_SCORERS)) <= set(scores.metrics)
 
 
 def test_racing_evaluations_compare_the_champion_against_its_predecessor(tracking_server, own_answers, challengers,
