@@ -280,7 +280,7 @@ def test_an_evaluation_that_loses_the_race_to_add_its_set_to_the_experiment_trie
     store commits the same dataset right before this evaluation's insert, as the other evaluation would."""
     experiment_id = mlflow.create_experiment("dataset-race")
     engine = sqlalchemy.create_engine(tracking_uri)
-    store = mlflow.tracking._tracking_service.utils._get_store(tracking_uri)
+    store = mlflow.tracking._tracking_service.utils._get_store(tracking_uri)  # this process's store, cached by URI
     won = []
 
     def other_evaluation_first(conn, cursor, statement, parameters, context, executemany):
@@ -295,6 +295,7 @@ def test_an_evaluation_that_loses_the_race_to_add_its_set_to_the_experiment_trie
             scores = evaluate_model("onnx", model_uri_of(onnx_fp32_run), [EvalRow(settings.SEED_QUESTION, "Madrid")], 4)
     finally:
         sqlalchemy.event.remove(store.engine, "before_cursor_execute", other_evaluation_first)
+        engine.dispose()
     assert won, "the evaluation logged no dataset"
     assert "another evaluation added the same evaluation set to the experiment at the same moment: trying again" in (
         capsys.readouterr().out)
