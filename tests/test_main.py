@@ -103,7 +103,7 @@ def snapshot(experiment_id: str) -> dict:
             for run in client.search_runs([experiment_id], max_results=1000)
         },
         "versions": {(v.name, v.version): (v.run_id, v.source, v.status) for v in client.search_model_versions()},
-        "aliases": {m.name: m.aliases for m in client.search_registered_models()},
+        "aliases": _aliases(),
     }
 
 
@@ -115,6 +115,11 @@ def run_main(project, experiment_id, tracking_uri) -> Callable[..., StepResult]:
         return dataclasses.replace(result, run_id=re.findall(r"Run \(ID '([0-9a-f]+)'\)", result.stderr)[-1])
 
     return run
+
+
+def _aliases() -> dict[str, dict[str, str]]:
+    """Registered model -> its aliases (alias -> version)."""
+    return {model.name: model.aliases for model in mlflow.MlflowClient().search_registered_models()}
 
 
 def _runs(experiment_id: str) -> list[mlflow.entities.Run]:
@@ -170,18 +175,14 @@ class Background:
 class Stage:
     result: StepResult  # the main run
     new_step_runs: set[str]  # the step runs it created
-    # registered model -> version holding the champion alias when it ended (later stages may move it)
-    champions: dict[str, str]
+    aliases: dict[str, dict[str, str]]  # the registry's aliases when it ended (later stages may move them)
 
 
 def _run_stage(run_main, experiment_id: str, params: dict[str, str]) -> Stage:
     existing = set(_step_runs(experiment_id))
     result = run_main(params)
     assert_ok(result)
-    champions = {model.name: model.aliases[settings.CHAMPION_ALIAS]
-                 for model in mlflow.MlflowClient().search_registered_models()
-                 if settings.CHAMPION_ALIAS in model.aliases}
-    return Stage(result, set(_step_runs(experiment_id)) - existing, champions)
+    return Stage(result, set(_step_runs(experiment_id)) - existing, _aliases())
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +234,7 @@ def test_main_runs_each_step_as_its_own_run_linked_to_main(first_main, project, 
     assert (fetched / settings.MODEL_ARTIFACT_DIR / "model.safetensors").is_file()
     # The champion is registered on the server and loads by alias in a process elsewhere.
     name, version = runs["evaluate"].data.tags[settings.TAG_CHAMPION].split("/")
-    assert first_main.champions[name] == version
+    assert first_main.aliases[name][settings.CHAMPION_ALIAS] == version
     ask_champion(server.url, name)
 
 
